@@ -1,0 +1,178 @@
+"""``memserve-node``: the command line, turned into frozen configs (nothing else reads argv).
+
+Usage::
+
+    memserve-node --role colocated --model dummy:tiny [--host 127.0.0.1] [--port 8000] ...
+    memserve-node export-hf dummy:small DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Sequence
+
+from memserve.config import (
+    DTYPES,
+    ROLES,
+    CacheConfig,
+    EngineConfig,
+    ModelConfig,
+    SchedulerConfig,
+    ServerConfig,
+)
+
+_AVAILABLE_ROLES = ("colocated",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memserve-node",
+        description="Run one MemServe process (one per accelerator), or a utility subcommand "
+        "(`memserve-node export-hf dummy:<preset> DIR`).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument(
+        "--role",
+        choices=ROLES,
+        default="colocated",
+        help="what this process does; prefill, decode and scheduler arrive with "
+        "disaggregation and the global scheduler",
+    )
+    p.add_argument(
+        "--model",
+        default="dummy:tiny",
+        help="a local Hugging Face directory (config.json, *.safetensors, tokenizer.json) "
+        "or dummy:<preset> (tiny, small, llama2-13b, llama3-8b) for random weights",
+    )
+    p.add_argument(
+        "--served-model-name", default=None, help="model id clients use (default: --model)"
+    )
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on")
+    p.add_argument("--port", type=int, default=8000, help="port to listen on")
+    p.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    p.add_argument(
+        "--dtype",
+        choices=DTYPES,
+        default="auto",
+        help="auto: bfloat16 on CUDA or a CPU with bf16 matrix instructions, else float32",
+    )
+    p.add_argument(
+        "--seed", type=int, default=0, help="seed of dummy weights and of unseeded sampling"
+    )
+    p.add_argument(
+        "--max-model-len",
+        type=int,
+        default=None,
+        help="longest prompt + output in tokens (default: the model's max positions)",
+    )
+    p.add_argument("--block-size", type=int, default=16, help="tokens per KV-cache block")
+    p.add_argument(
+        "--kv-cache-memory",
+        type=float,
+        default=1.0,
+        help="KV cache size: GiB when > 1, else a fraction of free device memory",
+    )
+    p.add_argument(
+        "--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides memory)"
+    )
+    p.add_argument(
+        "--max-num-batched-tokens", type=int, default=2048, help="token budget of one step"
+    )
+    p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
+    p.add_argument(
+        "--max-waiting-requests",
+        type=int,
+        default=1024,
+        help="queued requests past which new ones get 503 + Retry-After",
+    )
+    p.add_argument(
+        "--attention-backend",
+        choices=("auto", "torch", "xformers"),
+        default="auto",
+        help="paged-attention implementation",
+    )
+    p.add_argument(
+        "--num-threads", type=int, default=None, help="CPU threads for torch (default: all cores)"
+    )
+    p.add_argument(
+        "--log-format", choices=("console", "json"), default="console", help="log output format"
+    )
+    p.add_argument("--log-level", default="info", help="debug, info, warning or error")
+    return p
+
+
+def build_export_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memserve-node export-hf",
+        description="Write a dummy preset as a Hugging Face model directory (fp32 safetensors, "
+        "config.json, tokenizer.json), so other engines can load the same weights.",
+    )
+    p.add_argument("model", help="dummy:<preset>")
+    p.add_argument("out_dir", help="directory to write")
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def engine_config(args: argparse.Namespace) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(
+            model=args.model,
+            dtype=args.dtype,
+            device=args.device,
+            seed=args.seed,
+            max_model_len=args.max_model_len,
+            served_model_name=args.served_model_name,
+        ),
+        cache=CacheConfig(
+            block_size=args.block_size,
+            kv_cache_memory=args.kv_cache_memory,
+            num_blocks=args.num_kv_blocks,
+        ),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=args.max_num_batched_tokens,
+            max_num_seqs=args.max_num_seqs,
+            max_waiting_requests=args.max_waiting_requests,
+        ),
+        attention_backend=args.attention_backend,
+    )
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["export-hf"]:
+        return _export(build_export_parser().parse_args(argv[1:]))
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.role not in _AVAILABLE_ROLES:
+        parser.exit(
+            2,
+            f"memserve-node: role {args.role!r} is not yet available in this build "
+            f"(available: {', '.join(_AVAILABLE_ROLES)})\n",
+        )
+    try:
+        config = engine_config(args)
+        server = ServerConfig(
+            host=args.host, port=args.port, log_format=args.log_format, log_level=args.log_level
+        )
+    except ValueError as e:
+        parser.exit(2, f"memserve-node: {e}\n")
+    from memserve.node import run_node
+
+    return run_node(config, server, num_threads=args.num_threads)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from memserve.model.loader import export_hf
+
+    try:
+        out = export_hf(args.model, args.out_dir, seed=args.seed)
+    except ValueError as e:
+        print(f"memserve-node export-hf: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.model} to {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

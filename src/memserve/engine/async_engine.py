@@ -1,0 +1,166 @@
+"""``AsyncEngine``: the ``EngineClient`` of a local ``LLMEngine``, driven from asyncio.
+
+Ownership and threading: one background task (``_loop``, started by ``start`` and cancelled and
+awaited by ``stop``) owns the engine. It runs each ``step`` in a worker thread so the event loop
+stays responsive (torch releases the GIL), and applies queued adds and aborts *between* steps, in
+the event loop, so the engine is never touched by two threads at once. Outputs are routed to one
+``asyncio.Queue`` per request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
+
+import structlog
+
+from memserve.engine.llm_engine import LLMEngine
+from memserve.engine.types import EngineOverloadedError, RequestOutput, SamplingParams
+from memserve.model.tokenizer import Tokenizer
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class _Add:
+    request_id: str
+    prompt_token_ids: tuple[int, ...]
+    params: SamplingParams
+
+
+class AsyncEngine:
+    def __init__(self, engine: LLMEngine) -> None:
+        self.engine = engine
+        self._pending: list[_Add | str] = []  # adds, and request ids to abort
+        self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
+        self._wakeup = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self._failed: BaseException | None = None
+        self._idle = asyncio.Event()
+
+    # ---- EngineClient -----------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def is_healthy(self) -> bool:
+        return self._failed is None and self._task is not None and not self._task.done()
+
+    @property
+    def num_waiting(self) -> int:
+        return self.engine.num_waiting + sum(isinstance(p, _Add) for p in self._pending)
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        self.engine.validate(prompt_token_ids, params)
+        if not self.is_healthy():
+            raise EngineOverloadedError("engine is not running")
+        if self.num_waiting >= self.engine.config.scheduler.max_waiting_requests:
+            raise EngineOverloadedError("too many waiting requests")
+        if request_id in self._queues:
+            raise ValueError(f"duplicate request id {request_id!r}")
+        queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
+        self._queues[request_id] = queue
+        self._submit(_Add(request_id, tuple(prompt_token_ids), params))
+        finished = False
+        try:
+            while not finished:
+                out = await queue.get()
+                finished = out.finished
+                yield out
+        finally:
+            if not finished:
+                self._submit(request_id)  # abort: blocks are freed before the next step
+            else:
+                self._queues.pop(request_id, None)
+
+    # ---- lifecycle ----------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._loop(), name="engine-loop")
+
+    async def stop(self) -> None:
+        """Abort everything still running, then cancel and await the loop task."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        for request_id in list(self._queues):
+            self._abort_now(request_id)
+
+    async def wait_idle(self) -> None:
+        """Return once no request is queued or running (tests, graceful drain)."""
+        while self._pending or self.engine.has_unfinished():
+            self._idle.clear()
+            await self._idle.wait()
+
+    def _submit(self, item: _Add | str) -> None:
+        self._pending.append(item)
+        self._wakeup.set()
+
+    async def _loop(self) -> None:
+        try:
+            while True:
+                self._apply_pending()
+                if not self.engine.has_unfinished():
+                    self._idle.set()
+                    self._wakeup.clear()
+                    await self._wakeup.wait()
+                    continue
+                outputs = await asyncio.to_thread(self.engine.step)
+                self._dispatch(outputs)
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # an engine bug: fail every request loudly, stay unhealthy
+            log.exception("engine step failed")
+            self._failed = e
+            for request_id in list(self._queues):
+                self._fail(request_id, f"internal engine error: {e}")
+            self._idle.set()
+
+    def _apply_pending(self) -> None:
+        pending, self._pending = self._pending, []
+        for item in pending:
+            if isinstance(item, str):
+                self._abort_now(item)
+            else:
+                self._add_now(item)
+
+    def _add_now(self, item: _Add) -> None:
+        if item.request_id not in self._queues:  # aborted before it was added
+            return
+        try:
+            self.engine.add_request(item.request_id, item.prompt_token_ids, item.params)
+        except Exception as e:  # validated already; anything here is a bug, reported to the caller
+            log.exception("add_request failed", request_id=item.request_id)
+            self._fail(item.request_id, str(e))
+
+    def _abort_now(self, request_id: str) -> None:
+        self._queues.pop(request_id, None)
+        self.engine.abort_request(request_id)
+
+    def _dispatch(self, outputs: list[RequestOutput]) -> None:
+        for out in outputs:
+            queue = self._queues.get(out.request_id)
+            if queue is not None:
+                queue.put_nowait(out)
+
+    def _fail(self, request_id: str, message: str) -> None:
+        queue = self._queues.get(request_id)
+        if queue is not None:
+            queue.put_nowait(RequestOutput(request_id, (), "", True, "error", error=message))

@@ -1,0 +1,149 @@
+"""Iteration-level scheduler: which requests compute how many tokens this step.
+
+Works on ints only (token counts, block ids); never touches a tensor. Policy, in order:
+
+1. Running requests, oldest first, each gets ``min(uncomputed tokens, budget left)`` — one token
+   for a decode, a chunk for a long prompt (chunked prefill). When the cache has no room for a
+   running request's new tokens, the newest running request is preempted (its blocks freed, its
+   tokens recomputed later) until there is room; nothing crashes and no request is lost.
+2. Waiting requests, first come first served, while budget, ``max_num_seqs`` and blocks allow.
+   No waiting request is admitted in a step that had to preempt (it would only thrash).
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass
+
+from memserve.config import SchedulerConfig
+from memserve.engine.request import Request, RequestStatus
+from memserve.mempool.block_allocator import BlockAllocator
+
+
+@dataclass(frozen=True)
+class ScheduledChunk:
+    """``request`` computes ``token_ids[start : start + num_tokens]`` this step."""
+
+    request: Request
+    start: int
+    num_tokens: int
+
+    @property
+    def samples(self) -> bool:
+        """A token is sampled iff this chunk reaches the end of the request's known tokens."""
+        return self.start + self.num_tokens == self.request.num_tokens
+
+
+@dataclass(frozen=True)
+class SchedulerOutput:
+    chunks: tuple[ScheduledChunk, ...]
+    preempted: tuple[str, ...]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(c.num_tokens for c in self.chunks)
+
+
+class KVCacheManager:
+    """Maps requests to blocks. Block table i holds token positions [i*bs, (i+1)*bs)."""
+
+    def __init__(self, allocator: BlockAllocator, block_size: int) -> None:
+        self.allocator = allocator
+        self.block_size = block_size
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return -(-num_tokens // self.block_size)
+
+    def allocate(self, request: Request, num_new_tokens: int) -> bool:
+        """Grow ``request.block_ids`` to hold ``num_computed_tokens + num_new_tokens`` tokens."""
+        total = self.blocks_for(request.num_computed_tokens + num_new_tokens)
+        missing = total - len(request.block_ids)
+        if missing <= 0:
+            return True
+        if missing > self.allocator.num_free:
+            return False
+        request.block_ids.extend(self.allocator.allocate(missing))
+        return True
+
+    def free(self, request: Request) -> None:
+        self.allocator.free(request.block_ids)
+        request.block_ids = []
+
+
+class Scheduler:
+    def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
+        self.config = config
+        self.kv = kv
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def schedule(self) -> SchedulerOutput:
+        budget = self.config.max_num_batched_tokens
+        chunks: list[ScheduledChunk] = []
+        preempted: list[str] = []
+        for request in list(self.running):
+            if budget == 0:
+                break
+            if request.status is not RequestStatus.RUNNING:
+                continue  # preempted earlier in this loop
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self._make_room(request, n, preempted):
+                continue
+            chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+            budget -= n
+        if not preempted:
+            budget = self._admit_waiting(budget, chunks)
+        return SchedulerOutput(tuple(chunks), tuple(preempted))
+
+    def _make_room(self, request: Request, num_tokens: int, preempted: list[str]) -> bool:
+        """Allocate for ``request``, preempting the newest running requests as needed.
+
+        Returns False if ``request`` itself had to be preempted.
+        """
+        while not self.kv.allocate(request, num_tokens):
+            victim = self.running[-1]
+            self._preempt(victim)
+            preempted.append(victim.request_id)
+            if victim is request:
+                return False
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self.running.remove(request)
+        self.kv.free(request)
+        request.num_computed_tokens = 0
+        request.num_preemptions += 1
+        request.status = RequestStatus.WAITING
+        self.waiting.appendleft(request)
+
+    def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
+            request = self.waiting[0]
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
+            if not self.kv.allocate(request, n):
+                break
+            self.waiting.popleft()
+            request.status = RequestStatus.RUNNING
+            self.running.append(request)
+            chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
+            budget -= n
+        return budget
+
+    def update_computed(self, output: SchedulerOutput) -> None:
+        for chunk in output.chunks:
+            chunk.request.num_computed_tokens += chunk.num_tokens
+
+    def finish(self, request: Request) -> None:
+        """Remove a finished or aborted request from the queues and free its blocks."""
+        if request in self.running:
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+        self.kv.free(request)
+        request.status = RequestStatus.FINISHED

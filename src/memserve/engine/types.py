@@ -1,0 +1,103 @@
+"""Public engine types: what a caller puts in (``SamplingParams``) and gets back (``RequestOutput``).
+
+These cross the boundary between the engine and its callers (the HTTP server, the offline ``LLM``
+class, tests); they are frozen and hold plain Python values only, never tensors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+FinishReason = Literal["stop", "length", "abort", "error"]
+
+
+class RequestError(ValueError):
+    """The request itself is invalid (maps to HTTP 400 ``invalid_request_error``)."""
+
+    def __init__(self, message: str, param: str | None = None) -> None:
+        super().__init__(message)
+        self.param = param
+
+
+class EngineOverloadedError(RuntimeError):
+    """The waiting queue is full (maps to HTTP 503 with ``Retry-After``)."""
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Per-request generation parameters, with vLLM's names where OpenAI has none.
+
+    ``temperature == 0`` means greedy. ``top_k is None`` and ``top_p == 1`` disable those filters.
+    ``logprobs``: None for no logprobs, else how many top alternatives to return per token (0 returns
+    only the sampled token's logprob). Logprobs are of the model's distribution (raw logits, before
+    temperature / top-k / top-p), as vLLM and OpenAI report them.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int | None = None
+    min_p: float = 0.0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    logprobs: int | None = None
+    skip_special_tokens: bool = True
+    include_stop_str_in_output: bool = False
+
+    def __post_init__(self) -> None:
+        if self.max_tokens < 1:
+            raise RequestError("max_tokens must be at least 1", "max_tokens")
+        if self.temperature < 0:
+            raise RequestError("temperature must be >= 0", "temperature")
+        if not 0 < self.top_p <= 1:
+            raise RequestError("top_p must be in (0, 1]", "top_p")
+        if self.top_k is not None and self.top_k < 1:
+            raise RequestError("top_k must be >= 1 (or omitted)", "top_k")
+        if not 0 <= self.min_p <= 1:
+            raise RequestError("min_p must be in [0, 1]", "min_p")
+        if self.min_tokens < 0 or self.min_tokens > self.max_tokens:
+            raise RequestError("min_tokens must be in [0, max_tokens]", "min_tokens")
+        if self.logprobs is not None and not 0 <= self.logprobs <= 20:
+            raise RequestError("logprobs must be in [0, 20]", "logprobs")
+        if any(not s for s in self.stop):
+            raise RequestError("stop strings must be non-empty", "stop")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0 or self.top_k == 1
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """Logprob of one generated token and its ``top`` alternatives, most likely first."""
+
+    token_id: int
+    logprob: float
+    top: tuple[tuple[int, float], ...] = ()
+
+
+@dataclass(frozen=True)
+class RequestOutput:
+    """One increment of a request's output (a step's worth of tokens, or the final answer).
+
+    ``new_text`` is the text that became stable in this increment: it never ends inside a multi-byte
+    character and never contains (a prefix of) a stop string, so concatenating the increments gives
+    the final text. ``finished`` is True exactly once, on the last increment.
+    """
+
+    request_id: str
+    new_token_ids: tuple[int, ...]
+    new_text: str
+    finished: bool
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+    new_logprobs: tuple[TokenLogprob, ...] | None = None
+    num_prompt_tokens: int = 0
+    num_cached_tokens: int = 0
+    num_output_tokens: int = 0
+    error: str | None = None
+    extra: dict[str, int] = field(default_factory=dict)
