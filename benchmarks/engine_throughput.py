@@ -116,7 +116,7 @@ def bench_dtype(model_dir: Path, dtype_name: str, args: argparse.Namespace) -> l
     hf.generation_config.eos_token_id = None
     config = EngineConfig(
         model=ModelConfig(str(model_dir), dtype=cast(DTypeName, dtype_name)),
-        cache=CacheConfig(kv_cache_memory=2.0),
+        cache=CacheConfig(memory_gib=2.0),
         scheduler=SchedulerConfig(max_num_seqs=max(args.batch_sizes), max_num_batched_tokens=8192),
     )
     llm = LLM(config)

@@ -513,12 +513,13 @@ async def test_engine_abort_is_503(client: Client, engine: FakeEngine) -> None:
     assert_error(await post(client, "/v1/completions", completion(), status=503), None)
 
 
-async def test_engine_error_is_reported_as_finish_reason(
+async def test_engine_error_is_a_loud_500_or_error_finish_in_stream(
     client: Client, engine: FakeEngine
 ) -> None:
     engine.final_finish_reason = "error"
-    body = await post(client, "/v1/chat/completions", chat())
-    assert body["choices"][0]["finish_reason"] == "error"
+    body = await post(client, "/v1/chat/completions", chat(), status=500)
+    assert body["error"]["code"] == "engine_error"
+    assert body["error"]["type"] == "internal_server_error"
     events = await post_stream(client, "/v1/chat/completions", chat())
     assert events[-1]["choices"][0]["finish_reason"] == "error"
 

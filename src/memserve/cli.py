@@ -70,8 +70,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--kv-cache-memory",
         type=float,
-        default=1.0,
-        help="KV cache size: GiB when > 1, else a fraction of free device memory",
+        default=None,
+        help="KV cache size in GiB (default: 1 GiB on CPU; on CUDA see --kv-cache-fraction)",
+    )
+    p.add_argument(
+        "--kv-cache-fraction",
+        type=float,
+        default=None,
+        help="CUDA only: fraction of free device memory for the KV cache (default 0.85)",
     )
     p.add_argument(
         "--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides memory)"
@@ -126,7 +132,8 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
         ),
         cache=CacheConfig(
             block_size=args.block_size,
-            kv_cache_memory=args.kv_cache_memory,
+            memory_gib=args.kv_cache_memory,
+            memory_fraction=args.kv_cache_fraction,
             num_blocks=args.num_kv_blocks,
         ),
         scheduler=SchedulerConfig(

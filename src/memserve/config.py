@@ -47,21 +47,25 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class CacheConfig:
-    """Paged KV cache: ``block_size`` tokens per block; memory in GiB, or a fraction of free GPU memory.
+    """Paged KV cache: ``block_size`` tokens per block, sized by exactly one of three knobs.
 
-    ``kv_cache_memory`` > 1 is GiB; 0 < value <= 1 is a fraction of free device memory (CUDA only;
-    on CPU a fraction is taken of available system memory). ``num_blocks`` overrides both (tests).
+    ``num_blocks`` (tests) wins over ``memory_gib`` (GiB), which wins over ``memory_fraction``
+    (fraction of free device memory after the weights, CUDA only). With none set: 1 GiB on CPU,
+    0.85 of free memory on CUDA.
     """
 
     block_size: int = 16
-    kv_cache_memory: float = 1.0
+    memory_gib: float | None = None
+    memory_fraction: float | None = None
     num_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        if self.kv_cache_memory <= 0:
-            raise ValueError("kv_cache_memory must be > 0")
+        if self.memory_gib is not None and self.memory_gib <= 0:
+            raise ValueError("kv cache memory must be > 0 GiB")
+        if self.memory_fraction is not None and not 0 < self.memory_fraction <= 1:
+            raise ValueError("kv cache fraction must be in (0, 1]")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
 

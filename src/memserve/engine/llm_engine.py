@@ -7,7 +7,6 @@ loop, or offline code). Every request added gets exactly one ``RequestOutput`` w
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 
 import structlog
@@ -82,13 +81,17 @@ class LLMEngine:
         )
 
     def _kv_budget_bytes(self) -> float:
-        mem = self.config.cache.kv_cache_memory
-        if mem > 1:
-            return mem * _GIB
-        if self.device.type == "cuda":
-            free, _ = torch.cuda.mem_get_info(self.device)
-            return mem * free
-        return mem * os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        cc = self.config.cache
+        if cc.memory_gib is not None:
+            return cc.memory_gib * _GIB
+        if self.device.type != "cuda":
+            if cc.memory_fraction is not None:
+                raise ValueError(
+                    "--kv-cache-fraction applies to CUDA devices; use --kv-cache-memory"
+                )
+            return 1.0 * _GIB
+        free, _ = torch.cuda.mem_get_info(self.device)
+        return (cc.memory_fraction or 0.85) * free
 
     # ---- requests -------------------------------------------------------------------------
 

@@ -278,6 +278,14 @@ async def collect_response(
         raise APIError(
             503, "The request was aborted by the server", type="server_error", code="aborted"
         )
+    if any(c.finish_reason == "error" for c in job.choices):
+        # An engine failure is a bug on our side: say so loudly rather than return partial text.
+        raise APIError(
+            500,
+            "The engine failed while generating; see the server log",
+            type="internal_server_error",
+            code="engine_error",
+        )
     return json_response(job.builder.response(job.choices, job.usage()))
 
 

@@ -1,0 +1,184 @@
+"""A real ``memserve-node`` process, driven with the official ``openai`` client."""
+
+from __future__ import annotations
+
+import json
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import openai
+import pytest
+
+from memserve.config import CacheConfig, EngineConfig, ModelConfig
+from memserve.engine.offline import LLM
+from memserve.engine.types import SamplingParams
+
+MODEL = "dummy:tiny"
+NODE = [sys.executable, "-m", "memserve.cli"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"node exited early with {proc.returncode}")
+        try:
+            with urllib.request.urlopen(url + "/health", timeout=1) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.2)
+    raise TimeoutError("node did not become healthy")
+
+
+@pytest.fixture(scope="module")
+def node() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
+    port = _free_port()
+    args = ["--role", "colocated", "--model", MODEL, "--dtype", "float32", "--port", str(port)]
+    proc = subprocess.Popen([*NODE, *args, "--num-kv-blocks", "512", "--num-threads", "1"])
+    url = f"http://127.0.0.1:{port}"
+    try:
+        _wait_healthy(url, proc)
+        yield url, proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+@pytest.fixture(scope="module")
+def offline() -> LLM:
+    config = EngineConfig(ModelConfig(MODEL, dtype="float32"), CacheConfig(num_blocks=512))
+    return LLM(config)
+
+
+@pytest.fixture
+def client(node: tuple[str, subprocess.Popen[bytes]]) -> openai.OpenAI:
+    return openai.OpenAI(base_url=node[0] + "/v1", api_key="unused", max_retries=0)
+
+
+def _offline_text(llm: LLM, prompt_ids: list[int], max_tokens: int) -> tuple[str, list[int]]:
+    params = SamplingParams(max_tokens=max_tokens, temperature=0)
+    done = llm.generate([prompt_ids], params)[0]
+    llm.engine.check_integrity()
+    return done.text, done.token_ids
+
+
+def test_models(client: openai.OpenAI) -> None:
+    assert [m.id for m in client.models.list().data] == [MODEL]
+
+
+def test_completion_equals_offline_engine(client: openai.OpenAI, offline: LLM) -> None:
+    prompt = "The quick brown fox jumps over the lazy dog, again and again."
+    out = client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0)
+    ids = offline.engine.tokenizer.encode(prompt)
+    text, tokens = _offline_text(offline, ids, 12)
+    assert out.choices[0].text == text
+    assert out.usage is not None
+    assert out.usage.prompt_tokens == len(ids)
+    assert out.usage.completion_tokens == len(tokens)
+    assert out.usage.total_tokens == len(ids) + len(tokens)
+    assert out.usage.prompt_tokens_details is not None
+    assert out.usage.prompt_tokens_details.cached_tokens == 0
+
+
+def test_chat_and_streaming_chat_agree(client: openai.OpenAI, offline: LLM) -> None:
+    messages: list[openai.types.chat.ChatCompletionMessageParam] = [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Name three colours."},
+    ]
+    full = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=10, temperature=0
+    )
+    chunks = list(
+        client.chat.completions.create(
+            model=MODEL,
+            messages=messages,
+            max_tokens=10,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
+    streamed = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert streamed == full.choices[0].message.content
+    assert chunks[-1].usage is not None and full.usage is not None
+    assert chunks[-1].usage.completion_tokens == full.usage.completion_tokens
+    tok = offline.engine.tokenizer
+    prompt_ids = tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+    text, _ = _offline_text(offline, prompt_ids, 10)
+    assert full.choices[0].message.content == text
+    assert full.usage.prompt_tokens == len(prompt_ids)
+
+
+def test_streaming_completion(client: openai.OpenAI) -> None:
+    stream = client.completions.create(
+        model=MODEL, prompt=[5, 6, 7, 8], max_tokens=8, temperature=0, stream=True
+    )
+    texts = [c.choices[0].text for c in stream if c.choices]
+    full = client.completions.create(model=MODEL, prompt=[5, 6, 7, 8], max_tokens=8, temperature=0)
+    assert "".join(texts) == full.choices[0].text
+    assert full.choices[0].finish_reason in ("length", "stop")
+
+
+def test_bad_requests_get_openai_errors(client: openai.OpenAI) -> None:
+    with pytest.raises(openai.NotFoundError):
+        client.completions.create(model="nope", prompt="x", max_tokens=2)
+    with pytest.raises(openai.BadRequestError) as e:
+        client.completions.create(model=MODEL, prompt="x", max_tokens=10**6)
+    assert "maximum context length" in str(e.value)
+
+
+def test_node_stops_cleanly_on_sigint(tmp_path: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen([*NODE, "--model", MODEL, "--port", str(port), "--num-threads", "1"])
+    try:
+        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+    finally:
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=20) == 0
+
+
+def test_cli_roles_not_yet_available() -> None:
+    out = subprocess.run([*NODE, "--role", "prefill"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "not yet available" in out.stderr
+
+
+def test_cli_help_documents_flags() -> None:
+    out = subprocess.run([*NODE, "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for flag in ("--role", "--model", "--host", "--port", "--device", "--dtype", "--block-size",
+                 "--kv-cache-memory", "--max-num-batched-tokens", "--max-num-seqs",
+                 "--attention-backend", "--log-format"):  # fmt: skip
+        assert flag in out.stdout
+
+
+def test_cli_export_hf(tmp_path: Path) -> None:
+    out = subprocess.run(
+        [*NODE, "export-hf", MODEL, str(tmp_path / "m")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 0, out.stderr
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    assert config["hidden_size"] == 256 and config["architectures"] == ["LlamaForCausalLM"]
+    assert (tmp_path / "m" / "tokenizer.json").is_file()
