@@ -60,7 +60,9 @@ def llama_model(loaded: LoadedModel) -> LlamaModel:
     return LlamaModel(loaded.arch, loaded.weights, TorchAttentionBackend())
 
 
-def shuffled_table(num_tokens: int, num_blocks: int, block_size: int, rng: random.Random) -> list[int]:
+def shuffled_table(
+    num_tokens: int, num_blocks: int, block_size: int, rng: random.Random
+) -> list[int]:
     """A block table for ``num_tokens`` tokens: distinct ids drawn in random order from the pool."""
     needed = max(1, -(-num_tokens // block_size))
     assert needed <= num_blocks

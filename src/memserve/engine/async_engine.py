@@ -100,7 +100,8 @@ class AsyncEngine:
         with contextlib.suppress(asyncio.CancelledError):
             await self._task
         self._task = None
-        for request_id in list(self._queues):
+        for request_id, queue in list(self._queues.items()):
+            queue.put_nowait(RequestOutput(request_id, (), "", True, "abort"))
             self._abort_now(request_id)
 
     async def wait_idle(self) -> None:

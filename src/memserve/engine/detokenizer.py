@@ -61,7 +61,7 @@ class IncrementalDetokenizer:
         self._stop_reason: str | None = None
         self._finished = False
 
-    def add(self, token_id: int) -> str | None:
+    def add(self, token_id: int, check_stop: bool = True) -> str | None:
         """Append one generated token. Returns the stop string that matched if the output text now
         contains one (then the request must finish), else None.
 
@@ -72,7 +72,7 @@ class IncrementalDetokenizer:
             raise RuntimeError("add() called on a finished detokenizer")
         self._window_ids.append(token_id)
         new_text = self._decode_window(force=False)
-        return self._append(new_text) if new_text else None
+        return self._append(new_text, check_stop) if new_text else None
 
     def take_new_text(self, finished: bool) -> str:
         """The output text that became stable since the last call.
@@ -117,10 +117,12 @@ class IncrementalDetokenizer:
     def _decode(self, token_ids: Sequence[int]) -> str:
         return self._tokenizer.decode(token_ids, skip_special_tokens=self._skip_special_tokens)
 
-    def _append(self, new_text: str) -> str | None:
+    def _append(self, new_text: str, check_stop: bool = True) -> str | None:
         """Add decoded text to the held text; on a stop string, cut there and return it."""
         search_from = len(self._held_text)
         self._held_text += new_text
+        if not check_stop:
+            return None
         match = self._find_stop(search_from)
         if match is None:
             return None

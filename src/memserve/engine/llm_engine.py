@@ -202,8 +202,8 @@ class LLMEngine:
             request.finish_reason = "stop"
             request.stop_reason = token if token in request.params.stop_token_ids else None
             return
-        stop_str = request.detokenizer.add(token)
-        if stop_str is not None and not request.min_tokens_pending():
+        stop_str = request.detokenizer.add(token, check_stop=not request.min_tokens_pending())
+        if stop_str is not None:
             request.finish_reason, request.stop_reason = "stop", stop_str
         elif (
             request.num_output_tokens >= request.params.max_tokens

@@ -1,0 +1,194 @@
+"""Engines over ``dummy:tiny`` (float32, CPU) for engine-level tests, with block accounting checked.
+
+Import the fixtures explicitly (``from engine_fixtures import make_engine_fixture  # noqa: F401``);
+the test then asks for ``make_engine`` (and ``tiny``). Every engine built through ``make_engine`` is
+checked at teardown: ``check_integrity()`` passes and every block is free again, so a test that
+leaks blocks (an abort, a preemption, a stop that forgot to free) fails even if its outputs are right.
+
+The weights are loaded once per process (``load_tiny``); engines never write to them.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Protocol
+
+import pytest
+import torch
+
+from memserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
+from memserve.engine.llm_engine import LLMEngine
+from memserve.engine.request import Request
+from memserve.engine.types import FinishReason, RequestOutput, SamplingParams, TokenLogprob
+from memserve.model.loader import LoadedModel, load_model
+
+TINY = "dummy:tiny"
+CPU = torch.device("cpu")
+EOS_TOKEN_ID = 2  # the dummy tokenizer's </s>
+
+
+@functools.cache
+def load_tiny() -> LoadedModel:
+    return load_model(TINY, torch.float32, CPU)
+
+
+def engine_config(
+    *,
+    num_blocks: int = 64,
+    block_size: int = 16,
+    max_num_batched_tokens: int = 2048,
+    max_num_seqs: int = 64,
+    max_waiting_requests: int = 1024,
+    max_model_len: int | None = None,
+) -> EngineConfig:
+    return EngineConfig(
+        model=ModelConfig(TINY, dtype="float32", max_model_len=max_model_len),
+        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+        scheduler=SchedulerConfig(
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_waiting_requests=max_waiting_requests,
+        ),
+    )
+
+
+class EngineFactory(Protocol):
+    def __call__(
+        self,
+        *,
+        num_blocks: int = 64,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 64,
+        max_waiting_requests: int = 1024,
+        max_model_len: int | None = None,
+        loaded: LoadedModel | None = None,
+    ) -> LLMEngine: ...
+
+
+def assert_all_blocks_free(engine: LLMEngine) -> None:
+    engine.check_integrity()
+    assert engine.allocator.num_free == engine.allocator.num_blocks, (
+        f"{engine.allocator.num_used} of {engine.allocator.num_blocks} blocks still in use"
+    )
+
+
+@pytest.fixture(name="tiny", scope="module")
+def tiny_fixture() -> LoadedModel:
+    return load_tiny()
+
+
+@pytest.fixture(name="make_engine")
+def make_engine_fixture(tiny: LoadedModel) -> Iterator[EngineFactory]:
+    """Builds engines sharing the tiny weights; at teardown every block of each must be free."""
+    engines: list[LLMEngine] = []
+
+    def make(
+        *,
+        num_blocks: int = 64,
+        block_size: int = 16,
+        max_num_batched_tokens: int = 2048,
+        max_num_seqs: int = 64,
+        max_waiting_requests: int = 1024,
+        max_model_len: int | None = None,
+        loaded: LoadedModel | None = None,
+    ) -> LLMEngine:
+        config = engine_config(
+            num_blocks=num_blocks,
+            block_size=block_size,
+            max_num_batched_tokens=max_num_batched_tokens,
+            max_num_seqs=max_num_seqs,
+            max_waiting_requests=max_waiting_requests,
+            max_model_len=max_model_len,
+        )
+        engine = LLMEngine(config, loaded=loaded or tiny)
+        engines.append(engine)
+        return engine
+
+    yield make
+    for engine in engines:
+        assert_all_blocks_free(engine)
+
+
+# ---- driving an engine --------------------------------------------------------------------------
+
+
+@dataclass
+class Collected:
+    """Everything one request produced, increment by increment."""
+
+    token_ids: list[int] = field(default_factory=list)
+    text: str = ""
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    num_outputs: int = 0
+    num_finished: int = 0
+    finish_reason: FinishReason | None = None
+    stop_reason: str | int | None = None
+
+    def add(self, out: RequestOutput) -> None:
+        assert self.num_finished == 0, f"{out.request_id}: output after the final one"
+        self.num_outputs += 1
+        self.token_ids.extend(out.new_token_ids)
+        self.text += out.new_text
+        self.logprobs.extend(out.new_logprobs or ())
+        assert out.num_output_tokens == len(self.token_ids)
+        if out.finished:
+            self.num_finished += 1
+            self.finish_reason = out.finish_reason
+            self.stop_reason = out.stop_reason
+
+
+@dataclass(frozen=True)
+class Job:
+    request_id: str
+    prompt: tuple[int, ...]
+    params: SamplingParams
+
+
+def add_job(engine: LLMEngine, job: Job) -> Request:
+    """Add ``job`` and return the engine's ``Request`` for it (to read its preemption count)."""
+    engine.add_request(job.request_id, job.prompt, job.params)
+    request = engine.scheduler.waiting[-1]
+    assert request.request_id == job.request_id
+    return request
+
+
+def collect(
+    engine: LLMEngine,
+    results: dict[str, Collected],
+    max_steps: int = 1000,
+) -> int:
+    """Step until the engine has nothing unfinished; route outputs into ``results``; steps taken."""
+    for steps in range(max_steps):
+        if not engine.has_unfinished():
+            return steps
+        for out in engine.step():
+            results.setdefault(out.request_id, Collected()).add(out)
+    raise AssertionError(f"engine still busy after {max_steps} steps")
+
+
+def run_with_arrivals(
+    engine: LLMEngine, arrivals: Mapping[int, Sequence[Job]]
+) -> tuple[dict[str, Collected], dict[str, Request]]:
+    """Add ``arrivals[s]`` before step ``s`` (steps counted from 0), run until all finish."""
+    results: dict[str, Collected] = {}
+    requests: dict[str, Request] = {}
+    last = max(arrivals, default=0)
+    for step in range(last + 1):
+        for job in arrivals.get(step, ()):
+            requests[job.request_id] = add_job(engine, job)
+        for out in engine.step():
+            results.setdefault(out.request_id, Collected()).add(out)
+    collect(engine, results)
+    return results, requests
+
+
+def generate_alone(engine: LLMEngine, job: Job) -> Collected:
+    """Run ``job`` with nothing else in the engine (the reference for batched runs)."""
+    assert not engine.has_unfinished()
+    add_job(engine, job)
+    results: dict[str, Collected] = {}
+    collect(engine, results)
+    return results[job.request_id]
