@@ -30,7 +30,7 @@ from memserve.engine.offline import LLM
 from memserve.engine.types import SamplingParams
 from memserve.model.arch import LlamaArch
 from memserve.model.loader import export_hf, read_arch
-from memserve.model.ops import select_linear
+from memserve.model.ops import pack_weight, select_linear
 
 _DTYPES: dict[str, torch.dtype] = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -65,14 +65,18 @@ def _time(fn: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
-def matmul_rate(
-    arch: LlamaArch, dtype: torch.dtype, batch: int, linear: Callable[..., torch.Tensor]
-) -> float:
-    """GFLOP/s of ``linear`` on the model's gate/up shape at this batch (median of repeats)."""
+def matmul_rate(arch: LlamaArch, dtype: torch.dtype, batch: int, ours: bool) -> float:
+    """GFLOP/s of a gate/up-shaped product at this batch (median of repeats): torch's own
+    ``F.linear`` (what ``nn.Linear`` and HF run) when ``ours`` is False, else the engine's kernel on
+    its packed weight layout."""
     x = torch.randn(batch, arch.hidden_size).to(dtype)
     w = torch.randn(2 * arch.intermediate_size, arch.hidden_size).to(dtype)
     flops = 2 * batch * w.shape[0] * w.shape[1]
-    runs = sorted(_time(lambda: linear(x, w)) for _ in range(max(5, 64 // batch)))
+    if ours:
+        linear, weight = select_linear(dtype, torch.device("cpu")), pack_weight(w)
+    else:
+        linear, weight = F.linear, w
+    runs = sorted(_time(lambda: linear(x, weight)) for _ in range(max(5, 64 // batch)))
     return flops / runs[len(runs) // 2] / 1e9
 
 
@@ -129,10 +133,8 @@ def bench_dtype(model_dir: Path, dtype_name: str, args: argparse.Namespace) -> l
         run_ours(llm, prompts[:1, :8], 2)
         t_hf, hf_out = _timed(lambda: run_hf(hf, prompts, args.output_len), args.repeats)  # noqa: B023
         t_ours, ours_out = _timed(lambda: run_ours(llm, prompts, args.output_len), args.repeats)  # noqa: B023
-        native = matmul_rate(arch, dtype, batch, F.linear)
-        best = max(
-            native, matmul_rate(arch, dtype, batch, select_linear(dtype, torch.device("cpu")))
-        )
+        native = matmul_rate(arch, dtype, batch, ours=False)
+        best = max(native, matmul_rate(arch, dtype, batch, ours=True))
         tokens = batch * args.output_len
         hf_tok_s, ours_tok_s = tokens / t_hf, tokens / t_ours
         rows.append(

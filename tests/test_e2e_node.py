@@ -14,6 +14,7 @@ from pathlib import Path
 
 import openai
 import pytest
+import torch
 
 from memserve.config import CacheConfig, EngineConfig, ModelConfig
 from memserve.engine.offline import LLM
@@ -182,3 +183,12 @@ def test_cli_export_hf(tmp_path: Path) -> None:
     config = json.loads((tmp_path / "m" / "config.json").read_text())
     assert config["hidden_size"] == 256 and config["architectures"] == ["LlamaForCausalLM"]
     assert (tmp_path / "m" / "tokenizer.json").is_file()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on CUDA-less hosts")
+def test_cuda_device_without_cuda_is_a_clear_error() -> None:
+    out = subprocess.run(
+        [*NODE, "--device", "cuda:0", "--port", "0"], capture_output=True, text=True, timeout=60
+    )
+    assert out.returncode == 2
+    assert "CUDA is not available" in out.stdout + out.stderr

@@ -32,6 +32,7 @@ from memserve.engine.llm_engine import LLMEngine
 from memserve.engine.scheduler import SchedulerOutput
 from memserve.engine.types import RequestError, SamplingParams, TokenLogprob
 from memserve.model.loader import LoadedModel
+from memserve.model.ops import pack_weight, unpack_weight
 from model_harness import llama_model, paged_logits
 
 LOGPROB_TOL = 1e-4
@@ -245,9 +246,9 @@ def eos_setup(tiny: LoadedModel, solo: Solo) -> tuple[LoadedModel, int]:
         reference = solo(eos_job(ignore_eos=True, seed=seed)).token_ids
         fresh = [k for k in range(2, len(reference)) if reference[k] not in reference[:k]]
         if fresh:
-            lm_head = tiny.weights.lm_head.clone()
+            lm_head = unpack_weight(tiny.weights.lm_head).t().contiguous()  # [vocab, hidden]
             lm_head[EOS_TOKEN_ID] = lm_head[reference[fresh[0]]] * 1.01
-            weights = dataclasses.replace(tiny.weights, lm_head=lm_head)
+            weights = dataclasses.replace(tiny.weights, lm_head=pack_weight(lm_head))
             return dataclasses.replace(tiny, weights=weights), seed
     raise AssertionError("every greedy run repeats a single token")
 

@@ -20,6 +20,7 @@ from memserve.engine.request import Request
 from memserve.engine.sampler import Sampler
 from memserve.engine.scheduler import KVCacheManager, Scheduler, SchedulerOutput
 from memserve.engine.types import RequestError, RequestOutput, SamplingParams, TokenLogprob
+from memserve.hardware import keep_freed_memory
 from memserve.mempool.block_allocator import BlockAllocator
 from memserve.mempool.kv_cache import KVCache
 from memserve.model.llama import LlamaModel
@@ -35,7 +36,11 @@ class LLMEngine:
         self.config = config
         mc = config.model
         self.device = torch.device(mc.device)
+        if self.device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"--device {mc.device} requested but CUDA is not available here")
         self.dtype = resolve_dtype(mc.dtype, self.device)
+        if self.device.type == "cpu":
+            keep_freed_memory()
         loaded = loaded or load_model(mc.model, self.dtype, self.device, mc.seed)
         self.arch = loaded.arch
         self.tokenizer = loaded.tokenizer

@@ -19,6 +19,7 @@ from safetensors.torch import save_file
 from memserve.hardware import cpu_has_native_bf16
 from memserve.model.arch import PRESETS, LlamaArch
 from memserve.model.llama import LayerWeights, LlamaWeights
+from memserve.model.ops import pack_weight
 from memserve.model.tokenizer import Tokenizer
 
 DUMMY_PREFIX = "dummy:"
@@ -211,6 +212,10 @@ class _TensorSource:
     def cat(self, *names: str) -> torch.Tensor:
         return torch.cat([self.get(n) for n in names], dim=0).contiguous()
 
+    def packed(self, *names: str) -> torch.Tensor:
+        """Matrices ``[out_i, in]`` fused along ``out``, in the model's packed layout."""
+        return pack_weight(torch.cat([self.get(n) for n in names], dim=0))
+
     def maybe_cat(self, *names: str) -> torch.Tensor | None:
         return self.cat(*names) if names[0] in self._shapes else None
 
@@ -221,7 +226,7 @@ def fuse_weights(
     src = _TensorSource(arch, source, dtype, device)
     layers = list(_fused_layers(arch, src))
     embed = src.get("model.embed_tokens.weight")
-    lm_head = embed if arch.tie_word_embeddings else src.get("lm_head.weight")
+    lm_head = pack_weight(embed) if arch.tie_word_embeddings else src.packed("lm_head.weight")
     return LlamaWeights(
         embed=embed, layers=layers, norm=src.get("model.norm.weight"), lm_head=lm_head
     )
@@ -232,11 +237,11 @@ def _fused_layers(arch: LlamaArch, src: _TensorSource) -> Iterator[LayerWeights]
         a, m = f"model.layers.{n}.self_attn.", f"model.layers.{n}.mlp."
         yield LayerWeights(
             input_norm=src.get(f"model.layers.{n}.input_layernorm.weight"),
-            qkv=src.cat(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
-            o=src.get(a + "o_proj.weight"),
+            qkv=src.packed(a + "q_proj.weight", a + "k_proj.weight", a + "v_proj.weight"),
+            o=src.packed(a + "o_proj.weight"),
             post_norm=src.get(f"model.layers.{n}.post_attention_layernorm.weight"),
-            gate_up=src.cat(m + "gate_proj.weight", m + "up_proj.weight"),
-            down=src.get(m + "down_proj.weight"),
+            gate_up=src.packed(m + "gate_proj.weight", m + "up_proj.weight"),
+            down=src.packed(m + "down_proj.weight"),
             qkv_bias=src.maybe_cat(a + "q_proj.bias", a + "k_proj.bias", a + "v_proj.bias"),
             o_bias=src.maybe_cat(a + "o_proj.bias"),
             gate_up_bias=src.maybe_cat(m + "gate_proj.bias", m + "up_proj.bias"),

@@ -22,20 +22,65 @@ LinearFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
 _UPCAST_MIN_ROWS = 8
 _UPCAST_CHUNK_ROWS = 1024
+_PANEL_TARGET = 512
+_PANEL_RANGE = (128, 2048)
+
+
+def panel_width(num_out: int) -> int:
+    """Columns per panel: the divisor of ``num_out`` nearest 512 within [128, 2048], else all."""
+    lo, hi = _PANEL_RANGE
+    divisors = [c for c in range(lo, min(hi, num_out) + 1) if num_out % c == 0]
+    return min(divisors, key=lambda c: abs(c - _PANEL_TARGET)) if divisors else num_out
+
+
+def pack_weight(w: torch.Tensor) -> torch.Tensor:
+    """A checkpoint matrix ``[out, in]`` → the layout the kernel for its dtype and device wants.
+
+    - Panels ``[num_panels, in, panel]`` (fp32, and any dtype on CUDA or on a CPU with bf16
+      instructions): the output columns cut into contiguous panels, so one broadcast ``matmul`` runs
+      a batched GEMM that MKL parallelises across panels. Measured on 2 cores: the 32000x768 lm_head
+      at batch 32 takes 13.5 ms instead of 24 ms for ``x @ w.T``, the 4096x768 gate/up 1.5 instead
+      of 2.5, and batch 8 gains ~1.6x. On CUDA a single panel (``[1, in, out]``) is kept.
+    - Row-major ``[out, in]`` for the upcast kernel (bf16/fp16 on a CPU without bf16 instructions):
+      torch's native bf16 GEMM, used below 8 rows, is only fast on this layout (0.5 GFLOP/s on the
+      transposed one against ~16).
+    """
+    if upcast_on_cpu(w.dtype, w.device):
+        return w.contiguous()
+    w_t = w.t()  # [in, out]
+    width = panel_width(w_t.shape[1]) if w.device.type == "cpu" else w_t.shape[1]
+    return w_t.reshape(w_t.shape[0], -1, width).permute(1, 0, 2).contiguous()  # [P, in, C]
+
+
+def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
+    """The inverse of ``pack_weight``, as ``[in, out]`` (a view or a copy)."""
+    if packed.dim() == 2:
+        return packed.t()
+    return packed.permute(1, 0, 2).reshape(packed.shape[1], -1)
 
 
 def select_linear(dtype: torch.dtype, device: torch.device) -> LinearFn:
-    """The fastest correct ``y = x @ w.T`` for this dtype and device (chosen once, at load)."""
-    return _linear_upcast_chunked if upcast_on_cpu(dtype, device) else F.linear
+    """The fastest correct ``y = x @ W.T`` for a weight packed by ``pack_weight``."""
+    return _matmul_upcast if upcast_on_cpu(dtype, device) else matmul_packed
 
 
-def _linear_upcast_chunked(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
-    """bf16/fp16 ``x @ w.T`` computed in fp32 chunk by chunk; native kernel for tiny batches."""
+def matmul_packed(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
+    """x [M, in] @ panels [P, in, C] → [M, P * C]."""
+    if packed.shape[0] == 1:
+        return x @ packed[0]
+    num_panels, _, width = packed.shape
+    out = torch.matmul(x, packed)  # [P, M, C]
+    return out.permute(1, 0, 2).reshape(x.shape[0], num_panels * width)
+
+
+def _matmul_upcast(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """bf16/fp16 ``x @ w.T`` (``w`` row-major ``[out, in]``) computed in fp32, 1024 weight rows at a
+    time (their fp32 copy stays in cache); the native kernel below 8 rows, where it is faster."""
     if x.shape[0] < _UPCAST_MIN_ROWS:
         return F.linear(x, w)
-    x32 = x.float()  # [N, K]
+    x32 = x.float()  # [M, in]
     n_out = w.shape[0]
-    out = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)  # [N, n_out]
+    out = torch.empty(x.shape[0], n_out, dtype=x.dtype, device=x.device)  # [M, out]
     for start in range(0, n_out, _UPCAST_CHUNK_ROWS):
         stop = min(start + _UPCAST_CHUNK_ROWS, n_out)
         out[:, start:stop] = F.linear(x32, w[start:stop].float())
