@@ -2,8 +2,8 @@
 
 Weights are plain tensors (no ``nn.Module``): q/k/v and gate/up projections are fused at load so a
 layer runs four matrix products instead of seven, and every matrix is *packed* in the layout its
-kernel is fastest with (``ops.pack_weight``: column panels for fp32, which run 1.2-1.8x faster on
-CPU than ``F.linear``; row-major where bf16 is computed by upcasting). Tokens of a step are packed flat (``N``
+kernel is fastest with (``ops.pack_weight``: column panels for fp32 on CPU, which run 1.2-1.8x
+faster than ``F.linear``; the checkpoint's row-major layout everywhere else). Tokens of a step are packed flat (``N``
 tokens of many sequences, see ``attention.base``); logits are computed only where a token is sampled.
 """
 

@@ -36,19 +36,18 @@ def panel_width(num_out: int) -> int:
 def pack_weight(w: torch.Tensor) -> torch.Tensor:
     """A checkpoint matrix ``[out, in]`` → the layout the kernel for its dtype and device wants.
 
-    - Panels ``[num_panels, in, panel]`` (fp32, and any dtype on CUDA or on a CPU with bf16
-      instructions): the output columns cut into contiguous panels, so one broadcast ``matmul`` runs
-      a batched GEMM that MKL parallelises across panels. Measured on 2 cores: the 32000x768 lm_head
-      at batch 32 takes 13.5 ms instead of 24 ms for ``x @ w.T``, the 4096x768 gate/up 1.5 instead
-      of 2.5, and batch 8 gains ~1.6x. On CUDA a single panel (``[1, in, out]``) is kept.
-    - Row-major ``[out, in]`` for the upcast kernel (bf16/fp16 on a CPU without bf16 instructions):
-      torch's native bf16 GEMM, used below 8 rows, is only fast on this layout (0.5 GFLOP/s on the
-      transposed one against ~16).
+    - fp32 on CPU: column panels ``[num_panels, in, panel]``, so one broadcast ``matmul`` runs a
+      batched GEMM that MKL parallelises across panels. Measured on 2 cores: the 32000x768 lm_head
+      at batch 32 takes 13.5 ms instead of 24 ms with ``F.linear``, the 4096x768 gate/up 1.5 instead
+      of 2.5, and batch 8 gains ~1.6x.
+    - Everything else: row-major ``[out, in]`` for ``F.linear``, the layout torch's bf16/fp16 CPU
+      kernels and cuBLAS are tuned for (bf16 on the transposed layout measured 0.5 GFLOP/s on CPU
+      against ~16).
     """
-    if upcast_on_cpu(w.dtype, w.device):
+    if not _uses_panels(w.dtype, w.device):
         return w.contiguous()
     w_t = w.t()  # [in, out]
-    width = panel_width(w_t.shape[1]) if w.device.type == "cpu" else w_t.shape[1]
+    width = panel_width(w_t.shape[1])
     return w_t.reshape(w_t.shape[0], -1, width).permute(1, 0, 2).contiguous()  # [P, in, C]
 
 
@@ -61,13 +60,17 @@ def unpack_weight(packed: torch.Tensor) -> torch.Tensor:
 
 def select_linear(dtype: torch.dtype, device: torch.device) -> LinearFn:
     """The fastest correct ``y = x @ W.T`` for a weight packed by ``pack_weight``."""
-    return _matmul_upcast if upcast_on_cpu(dtype, device) else matmul_packed
+    if _uses_panels(dtype, device):
+        return matmul_packed
+    return _matmul_upcast if upcast_on_cpu(dtype, device) else F.linear
+
+
+def _uses_panels(dtype: torch.dtype, device: torch.device) -> bool:
+    return device.type == "cpu" and dtype == torch.float32
 
 
 def matmul_packed(x: torch.Tensor, packed: torch.Tensor) -> torch.Tensor:
     """x [M, in] @ panels [P, in, C] → [M, P * C]."""
-    if packed.shape[0] == 1:
-        return x @ packed[0]
     num_panels, _, width = packed.shape
     out = torch.matmul(x, packed)  # [P, M, C]
     return out.permute(1, 0, 2).reshape(x.shape[0], num_panels * width)

@@ -4,8 +4,8 @@ Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/model
 ``GET /health``. The app depends only on an ``EngineClient``.
 
 A request's life: parse and validate the body (``protocol``) → check the model → tokenize →
-fan out one engine request per (prompt, choice) → merge their output streams → answer with one
-JSON object, or an SSE stream of chunks ending with ``data: [DONE]``.
+fan out one engine request per (prompt, choice) → merge their output streams → answer
+(``responses``) with one JSON object, or an SSE stream of chunks ending with ``data: [DONE]``.
 
 Ownership: every engine stream is consumed by a task owned by ``merge_streams``; closing the merged
 stream (always done by the handler, on success, error, timeout, client disconnect or cancellation)
@@ -33,17 +33,19 @@ from memserve.model.tokenizer import Tokenizer
 from memserve.server.errors import APIError, bad_request, error_middleware, to_api_error
 from memserve.server.protocol import (
     JSON,
-    ChatResponseBuilder,
-    Choice,
-    CompletionResponseBuilder,
     GenerationOptions,
     PromptInput,
-    ResponseBuilder,
     check_token_ids,
     nth_seed,
     params_for_prompt,
     parse_chat_request,
     parse_completion_request,
+)
+from memserve.server.responses import (
+    ChatResponseBuilder,
+    Choice,
+    CompletionResponseBuilder,
+    ResponseBuilder,
     usage,
 )
 
