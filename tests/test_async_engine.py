@@ -232,3 +232,15 @@ async def first_output(agen: AsyncIterator[RequestOutput]) -> RequestOutput:
 
 async def consume_rest(agen: AsyncIterator[RequestOutput]) -> Sequence[RequestOutput]:
     return [out async for out in agen]
+
+
+async def test_a_broken_block_invariant_on_idle_makes_the_engine_unhealthy(
+    start_async: AsyncFactory,
+) -> None:
+    aengine = start_async()
+    await consume(aengine.generate("ok", prompt(5, seed=1), GREEDY))
+    assert aengine.is_healthy()
+    leaked = aengine.engine.allocator.allocate(1)  # used, but held by no request: a leak
+    await consume(aengine.generate("next", prompt(5, seed=2), GREEDY))
+    await wait_until(lambda: not aengine.is_healthy(), "the idle integrity check failed")
+    aengine.engine.allocator.free(leaked)  # let the fixture's own checks pass

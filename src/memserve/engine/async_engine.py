@@ -4,7 +4,9 @@ Ownership and threading: one background task (``_loop``, started by ``start`` an
 awaited by ``stop``) owns the engine. It runs each ``step`` in a worker thread so the event loop
 stays responsive (torch releases the GIL), and applies queued adds and aborts *between* steps, in
 the event loop, so the engine is never touched by two threads at once. Outputs are routed to one
-``asyncio.Queue`` per request.
+``asyncio.Queue`` per request. Whenever the engine falls idle the loop runs
+``check_integrity()``; a violation is a bug and fails the engine like any other (logged, every
+request answered with an error, ``is_healthy()`` False so ``/health`` says 503).
 """
 
 from __future__ import annotations
@@ -119,6 +121,7 @@ class AsyncEngine:
             while True:
                 self._apply_pending()
                 if not self.engine.has_unfinished():
+                    self.engine.check_integrity()  # the block conservation law, on every idle
                     self._idle.set()
                     self._wakeup.clear()
                     await self._wakeup.wait()
@@ -127,7 +130,9 @@ class AsyncEngine:
                 self._dispatch(outputs)
         except asyncio.CancelledError:
             raise
-        except Exception as e:  # an engine bug: fail every request loudly, stay unhealthy
+        except (
+            Exception
+        ) as e:  # an engine bug (incl. a broken invariant): fail loudly, stay unhealthy
             log.exception("engine step failed")
             self._failed = e
             for request_id in list(self._queues):
