@@ -13,10 +13,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, TypedDict
 
 import pytest
 import torch
+from typing_extensions import Unpack
 
 from memserve.config import CacheConfig, EngineConfig, ModelConfig, SchedulerConfig
 from memserve.engine.llm_engine import LLMEngine
@@ -54,17 +55,20 @@ def engine_config(
     )
 
 
+class EngineSettings(TypedDict, total=False):
+    """The keyword arguments of ``engine_config`` (defaults live there)."""
+
+    num_blocks: int
+    block_size: int
+    max_num_batched_tokens: int
+    max_num_seqs: int
+    max_waiting_requests: int
+    max_model_len: int | None
+
+
 class EngineFactory(Protocol):
     def __call__(
-        self,
-        *,
-        num_blocks: int = 64,
-        block_size: int = 16,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 64,
-        max_waiting_requests: int = 1024,
-        max_model_len: int | None = None,
-        loaded: LoadedModel | None = None,
+        self, *, loaded: LoadedModel | None = None, **settings: Unpack[EngineSettings]
     ) -> LLMEngine: ...
 
 
@@ -85,25 +89,8 @@ def make_engine_fixture(tiny: LoadedModel) -> Iterator[EngineFactory]:
     """Builds engines sharing the tiny weights; at teardown every block of each must be free."""
     engines: list[LLMEngine] = []
 
-    def make(
-        *,
-        num_blocks: int = 64,
-        block_size: int = 16,
-        max_num_batched_tokens: int = 2048,
-        max_num_seqs: int = 64,
-        max_waiting_requests: int = 1024,
-        max_model_len: int | None = None,
-        loaded: LoadedModel | None = None,
-    ) -> LLMEngine:
-        config = engine_config(
-            num_blocks=num_blocks,
-            block_size=block_size,
-            max_num_batched_tokens=max_num_batched_tokens,
-            max_num_seqs=max_num_seqs,
-            max_waiting_requests=max_waiting_requests,
-            max_model_len=max_model_len,
-        )
-        engine = LLMEngine(config, loaded=loaded or tiny)
+    def make(*, loaded: LoadedModel | None = None, **settings: Unpack[EngineSettings]) -> LLMEngine:
+        engine = LLMEngine(engine_config(**settings), loaded=loaded or tiny)
         engines.append(engine)
         return engine
 
