@@ -104,10 +104,6 @@ class LLMEngine:
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
 
-    @property
-    def num_running(self) -> int:
-        return len(self.scheduler.running)
-
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise ``RequestError`` if this request can never be served. Pure: safe from any thread."""
         n = len(prompt_token_ids)

@@ -104,11 +104,8 @@ class ModelRunner:
         ppb = self.cache.pages_per_block
         context_lens = [c.start + 1 for c in decodes]
         max_blocks = -(-max(context_lens) // bs)
-        page_ids = [
-            [b * ppb for b in c.request.block_ids[:max_blocks]]
-            + [0] * (max_blocks - len(c.request.block_ids[:max_blocks]))
-            for c in decodes
-        ]
+        tables = [c.request.block_ids[:max_blocks] for c in decodes]
+        page_ids = [[b * ppb for b in t] + [0] * (max_blocks - len(t)) for t in tables]
         lens = self._tensor(context_lens)
         key_pos = torch.arange(max_blocks * bs, device=self.device)
         mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, T]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import enum
-import time
 
 import torch
 
@@ -51,7 +50,6 @@ class Request:
         self.generator = (
             torch.Generator().manual_seed(params.seed) if params.seed is not None else None
         )
-        self.arrival_time = time.monotonic()
         self.num_emitted_tokens = 0
         self.pending_logprobs: list[TokenLogprob] = []
         self.num_preemptions = 0
