@@ -2,8 +2,9 @@
 
 Import the fixtures explicitly (``from engine_fixtures import make_engine_fixture  # noqa: F401``);
 the test then asks for ``make_engine`` (and ``tiny``). Every engine built through ``make_engine`` is
-checked at teardown: ``check_integrity()`` passes and every block is free again, so a test that
-leaks blocks (an abort, a preemption, a stop that forgot to free) fails even if its outputs are right.
+checked at teardown: ``check_integrity()`` passes and no request holds a block (each is free or
+cached), so a test that leaks blocks (an abort, a preemption, a stop that forgot to free) fails even
+if its outputs are right.
 
 The weights are loaded once per process (``load_tiny``); engines never write to them.
 """
@@ -72,11 +73,11 @@ class EngineFactory(Protocol):
     ) -> LLMEngine: ...
 
 
-def assert_all_blocks_free(engine: LLMEngine) -> None:
+def assert_all_blocks_released(engine: LLMEngine) -> None:
+    """Integrity holds and no request holds a block: each is free or historical (cached)."""
     engine.check_integrity()
-    assert engine.allocator.num_free == engine.allocator.num_blocks, (
-        f"{engine.allocator.num_used} of {engine.allocator.num_blocks} blocks still in use"
-    )
+    assert engine.num_active_blocks == 0, f"{engine.num_active_blocks} blocks still held"
+    assert engine.pool.tree.num_locked_blocks() == 0
 
 
 @pytest.fixture(name="tiny", scope="module")
@@ -86,7 +87,7 @@ def tiny_fixture() -> LoadedModel:
 
 @pytest.fixture(name="make_engine")
 def make_engine_fixture(tiny: LoadedModel) -> Iterator[EngineFactory]:
-    """Builds engines sharing the tiny weights; at teardown every block of each must be free."""
+    """Builds engines sharing the tiny weights; at teardown no block of any may be held."""
     engines: list[LLMEngine] = []
 
     def make(*, loaded: LoadedModel | None = None, **settings: Unpack[EngineSettings]) -> LLMEngine:
@@ -96,7 +97,7 @@ def make_engine_fixture(tiny: LoadedModel) -> Iterator[EngineFactory]:
 
     yield make
     for engine in engines:
-        assert_all_blocks_free(engine)
+        assert_all_blocks_released(engine)
 
 
 # ---- driving an engine --------------------------------------------------------------------------

@@ -16,7 +16,7 @@ import pytest
 from engine_fixtures import (  # noqa: F401 - fixtures
     Collected,
     EngineFactory,
-    assert_all_blocks_free,
+    assert_all_blocks_released,
     engine_config,
     make_engine_fixture,
     tiny_fixture,
@@ -106,7 +106,7 @@ async def wait_until(condition: Callable[[], bool], what: str) -> None:
 
 
 def idle_and_free(engine: LLMEngine) -> Callable[[], bool]:
-    return lambda: not engine.has_unfinished() and engine.allocator.num_used == 0
+    return lambda: not engine.has_unfinished() and engine.num_active_blocks == 0
 
 
 async def test_concurrent_generate_equals_offline(start_async: AsyncFactory) -> None:
@@ -117,7 +117,7 @@ async def test_concurrent_generate_equals_offline(start_async: AsyncFactory) -> 
     )
     offline = LLM(engine_config(num_blocks=64))
     completions = offline.generate(prompts, GREEDY)
-    assert_all_blocks_free(offline.engine)
+    assert_all_blocks_released(offline.engine)
     for got, want in zip(results, completions, strict=True):
         assert got.num_finished == 1 and got.finish_reason == want.finish_reason == "length"
         assert got.token_ids == want.token_ids
@@ -200,7 +200,7 @@ async def test_stop_cancels_the_loop_and_frees_everything(start_async: AsyncFact
     await anext(agen)
     await asyncio.wait_for(aengine.stop(), WAIT_S)
     assert not aengine.is_healthy()
-    assert aengine.engine.allocator.num_used == 0
+    assert aengine.engine.num_active_blocks == 0
     aengine.engine.check_integrity()
     with pytest.raises(EngineOverloadedError, match="not running"):
         await anext(aengine.generate("late", prompt(8, 8), GREEDY))

@@ -29,7 +29,7 @@ def _run(device: str, dtype: str) -> list[list[float]]:
     params = SamplingParams(max_tokens=6, temperature=0, logprobs=1, ignore_eos=True)
     done = llm.generate(PROMPTS, params)
     llm.engine.check_integrity()
-    assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
+    assert llm.engine.num_active_blocks == 0
     return [[lp.logprob for lp in c.logprobs] for c in done]
 
 

@@ -20,7 +20,7 @@ from engine_fixtures import (  # noqa: F401 - fixtures
     EngineFactory,
     Job,
     add_job,
-    assert_all_blocks_free,
+    assert_all_blocks_released,
     collect,
     engine_config,
     generate_alone,
@@ -65,7 +65,7 @@ def solo(tiny: LoadedModel) -> Iterator[Solo]:
         return memo[job]
 
     yield run
-    assert_all_blocks_free(engine)
+    assert_all_blocks_released(engine)
 
 
 def assert_same_logprobs(got: Sequence[TokenLogprob], want: Sequence[TokenLogprob]) -> None:
@@ -395,7 +395,7 @@ def test_abort_mid_generation_frees_blocks_and_answers_once(
     assert len(victim_request.block_ids) > 0
     engine.abort_request("victim")
     # Freed at once, not at the next step.
-    assert engine.allocator.num_used == len(other_request.block_ids)
+    assert engine.num_active_blocks == len(other_request.block_ids)
     engine.check_integrity()
     engine.abort_request("victim")  # twice: no second answer
     engine.abort_request("never-added")

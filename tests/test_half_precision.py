@@ -21,7 +21,7 @@ def first_token_logprobs(dtype: str) -> torch.Tensor:
     llm = LLM(config)
     done = llm.generate(PROMPTS, SamplingParams(max_tokens=3, temperature=0, logprobs=20))
     llm.engine.check_integrity()
-    assert llm.engine.allocator.num_free == llm.engine.allocator.num_blocks
+    assert llm.engine.num_active_blocks == 0
     assert llm.engine.cache.data.dtype == getattr(torch, dtype)
     return torch.tensor([[lp for _, lp in c.logprobs[0].top] for c in done])
 

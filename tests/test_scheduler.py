@@ -1,5 +1,6 @@
 """``Scheduler`` + ``KVCacheManager`` over tiny pools: token budget, chunked prefill, FCFS,
-``max_num_seqs``, preemption of the newest running request. No model: a "step" here is schedule,
+``max_num_seqs``, preemption of the newest running request, with prefix caching off (its tests are
+in test_prefix_caching.py). No model: a "step" here is schedule,
 ``update_computed``, and appending a fake token for every chunk that samples."""
 
 from __future__ import annotations
@@ -8,15 +9,18 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from memserve.config import SchedulerConfig
 from memserve.engine.detokenizer import IncrementalDetokenizer
+from memserve.engine.kv_manager import KVCacheManager
 from memserve.engine.request import Request, RequestStatus
-from memserve.engine.scheduler import KVCacheManager, Scheduler, SchedulerOutput
+from memserve.engine.scheduler import Scheduler, SchedulerOutput
 from memserve.engine.types import SamplingParams
-from memserve.mempool.block_allocator import BlockAllocator
+from memserve.mempool.kv_cache import KVCache
+from memserve.mempool.pool import MemPool, Tier
 from memserve.model.tokenizer import Tokenizer
 
 BLOCK_SIZE = 4
@@ -40,12 +44,13 @@ def new_request(
 
 def new_scheduler(num_blocks: int, budget: int = 2048, max_num_seqs: int = 64) -> Scheduler:
     config = SchedulerConfig(max_num_batched_tokens=budget, max_num_seqs=max_num_seqs)
-    return Scheduler(config, KVCacheManager(BlockAllocator(num_blocks), BLOCK_SIZE))
+    cache = KVCache(num_blocks, 1, BLOCK_SIZE, 1, 1, torch.float32, torch.device("cpu"))
+    return Scheduler(config, KVCacheManager(MemPool(cache), enable_caching=False))
 
 
 def check_blocks(sched: Scheduler) -> None:
     """Every used block is held by exactly one queued request; running ones cover their tokens."""
-    allocator = sched.kv.allocator
+    allocator = sched.kv.pool.allocators[Tier.DEVICE]
     allocator.check_integrity()
     held = [b for r in [*sched.running, *sched.waiting] for b in r.block_ids]
     assert len(held) == len(set(held)) == allocator.num_used
@@ -166,7 +171,9 @@ def place_running(sched: Scheduler, request: Request, num_computed: int) -> None
     every token after them sampled."""
     while request.num_tokens < num_computed + 1:
         request.token_ids.append(FAKE_TOKEN)
-    request.block_ids = sched.kv.allocator.allocate(sched.kv.blocks_for(num_computed))
+    request.block_ids = sched.kv.pool.allocators[Tier.DEVICE].allocate(
+        sched.kv.blocks_for(num_computed)
+    )
     request.num_computed_tokens = num_computed
     request.status = RequestStatus.RUNNING
     sched.running.append(request)
@@ -191,7 +198,7 @@ def test_preemption_picks_newest_and_admits_nothing_in_that_step(tok: Tokenizer)
     assert (r2.status, r2.num_computed_tokens, r2.num_preemptions) == (RequestStatus.WAITING, 0, 1)
     # Block 5 was free and 4 tokens of budget were left, enough for a first chunk of r2 (or r3):
     # nothing is admitted in a step that preempted.
-    assert sched.kv.allocator.num_free == 1
+    assert sched.kv.pool.allocators[Tier.DEVICE].num_free == 1
 
     out = step(sched)
     assert out.out.preempted == ()
@@ -224,7 +231,7 @@ def test_a_request_that_cannot_grow_preempts_itself(tok: Tokenizer) -> None:
     assert out.out.preempted == ("r1",)
     assert out.chunks == [("r0", 3, 1)]
     assert ids(sched.waiting) == ["r1"]
-    assert sched.kv.allocator.num_free == 2
+    assert sched.kv.pool.allocators[Tier.DEVICE].num_free == 2
     out = step(sched)
     assert out.out.preempted == ()
     assert out.chunks == [("r0", 4, 1)]  # r1 must recompute 9 tokens: 3 blocks, 1 left
@@ -242,7 +249,7 @@ def test_finish_of_a_waiting_request(tok: Tokenizer) -> None:
     assert ids(sched.waiting) == [] and r1.is_finished
     sched.finish(r0)
     assert not sched.has_unfinished()
-    assert sched.kv.allocator.num_free == 2
+    assert sched.kv.pool.allocators[Tier.DEVICE].num_free == 2
 
 
 @settings(max_examples=50, deadline=None)
@@ -279,4 +286,7 @@ def test_random_workloads_respect_limits_and_finish(
                 sched.finish(r)
     assert not sched.has_unfinished()
     assert all(r.num_output_tokens == r.params.max_tokens for r in requests)
-    assert sched.kv.allocator.num_free == sched.kv.allocator.num_blocks
+    assert (
+        sched.kv.pool.allocators[Tier.DEVICE].num_free
+        == sched.kv.pool.allocators[Tier.DEVICE].num_blocks
+    )

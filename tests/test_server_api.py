@@ -23,6 +23,7 @@ from memserve.engine.types import EngineOverloadedError, RequestOutput, Sampling
 from memserve.logging import AccessLogger, configure_logging
 from memserve.model.tokenizer import Tokenizer
 from memserve.server.openai_api import build_app, run_server
+from memserve.server.responses import Choice, usage
 
 Client = TestClient[web.Request, web.Application]
 JSON = dict[str, Any]
@@ -122,7 +123,11 @@ async def test_completion(client: Client, tokenizer: Tokenizer) -> None:
         "prompt_tokens": len(prompt_ids),
         "completion_tokens": 5,
         "total_tokens": len(prompt_ids) + 5,
-        "prompt_tokens_details": {"cached_tokens": 0},
+        "prompt_tokens_details": {
+            "cached_tokens": 0,
+            "cached_tokens_device": 0,
+            "cached_tokens_dram": 0,
+        },
     }
 
 
@@ -258,10 +263,56 @@ async def test_completion_stream_include_usage(client: Client) -> None:
     assert all("usage" not in c for c in chunks)
 
 
+def cached_details(cached: int, dram: int) -> JSON:
+    return {
+        "cached_tokens": cached,
+        "cached_tokens_device": cached - dram,
+        "cached_tokens_dram": dram,
+    }
+
+
 async def test_cached_tokens_reported(client: Client, engine: FakeEngine) -> None:
-    engine.num_cached_tokens = 3
+    engine.num_cached_tokens, engine.num_cached_tokens_dram = 3, 1
     body = await post(client, "/v1/completions", completion(prompt=[[100, 101, 102, 103]] * 2, n=2))
-    assert body["usage"]["prompt_tokens_details"] == {"cached_tokens": 6}
+    assert body["usage"]["prompt_tokens_details"] == cached_details(6, 2)
+
+
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_cached_tokens_by_tier_streamed(
+    client: Client, engine: FakeEngine, path: str
+) -> None:
+    engine.num_cached_tokens, engine.num_cached_tokens_dram = 4, 3
+    body = (completion if path == "/v1/completions" else chat)(
+        n=3, stream_options={"include_usage": True}
+    )
+    events = await post_stream(client, path, body)
+    assert events[-1]["usage"]["prompt_tokens_details"] == cached_details(4, 3)
+    assert all("usage" not in e for e in events[:-1])
+
+
+async def test_chat_cached_tokens_by_tier(client: Client, engine: FakeEngine) -> None:
+    engine.num_cached_tokens, engine.num_cached_tokens_dram = 5, 0
+    body = await post(client, "/v1/chat/completions", chat(n=2))
+    assert body["usage"]["prompt_tokens_details"] == cached_details(5, 0)
+
+
+def test_usage_takes_the_tier_split_of_the_least_cached_choice() -> None:
+    def choice(index: int, prompt_index: int, cached: int, dram: int) -> Choice:
+        made = Choice(index, prompt_index)
+        made.add(RequestOutput("r", (7,), "x", False, num_cached_tokens=cached))
+        made.add(
+            RequestOutput(
+                "r", (7,), "y", True, num_cached_tokens=cached, num_cached_tokens_dram=dram
+            )
+        )
+        made.add(RequestOutput("r", (), "", True))  # a later increment reporting 0 changes nothing
+        return made
+
+    # Prompt 0: the least cached choice (6, all from DRAM) wins as a whole; a per-field minimum
+    # would pair 6 cached with 1 from DRAM. Prompt 1 has one choice.
+    choices = [choice(0, 0, 10, 1), choice(1, 0, 6, 6), choice(2, 0, 6, 6), choice(3, 1, 3, 2)]
+    details = usage([8, 4], choices)["prompt_tokens_details"]
+    assert details == cached_details(9, 8)
 
 
 # --- chat ---------------------------------------------------------------------------------------
@@ -622,7 +673,10 @@ async def test_official_openai_client(engine: FakeEngine) -> None:
             model=MODEL, prompt=["hello", "abc"], max_tokens=4, logprobs=1, n=2
         )
         assert [c.index for c in completion_.choices] == [0, 1, 2, 3]
-        assert completion_.usage.prompt_tokens_details.cached_tokens == 0
+        details = completion_.usage.prompt_tokens_details
+        assert details.cached_tokens == 0
+        assert details.model_extra == {"cached_tokens_device": 0, "cached_tokens_dram": 0}
+        engine.num_cached_tokens, engine.num_cached_tokens_dram = 2, 1
         messages = [{"role": "user", "content": "hi"}]
         stream = await client.chat.completions.create(
             model=MODEL,
@@ -636,6 +690,9 @@ async def test_official_openai_client(engine: FakeEngine) -> None:
         assert chunks[0].choices[0].delta.role == "assistant"
         assert chunks[-2].choices[0].finish_reason == "length"
         assert chunks[-1].usage.completion_tokens == 4
+        details = chunks[-1].usage.prompt_tokens_details
+        assert details.cached_tokens == 2
+        assert details.model_extra == {"cached_tokens_device": 1, "cached_tokens_dram": 1}
         with pytest.raises(openai.NotFoundError):
             await client.chat.completions.create(model="nope", messages=messages)
         engine.overloaded = True

@@ -83,6 +83,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--num-kv-blocks", type=int, default=None, help="exact KV block count (overrides memory)"
     )
     p.add_argument(
+        "--no-prefix-caching",
+        action="store_true",
+        help="free every request's KV when it finishes (no reuse; the baseline)",
+    )
+    p.add_argument(
+        "--dram-cache-memory",
+        type=float,
+        default=None,
+        help="host-DRAM tier for cold cached KV, in GiB (default: 4 on CUDA, 0 on CPU)",
+    )
+    p.add_argument("--num-dram-blocks", type=int, default=None, help="exact DRAM-tier block count")
+    p.add_argument(
         "--max-num-batched-tokens", type=int, default=2048, help="token budget of one step"
     )
     p.add_argument("--max-num-seqs", type=int, default=64, help="requests running at once")
@@ -135,6 +147,9 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             memory_gib=args.kv_cache_memory,
             memory_fraction=args.kv_cache_fraction,
             num_blocks=args.num_kv_blocks,
+            enable_prefix_caching=not args.no_prefix_caching,
+            dram_gib=args.dram_cache_memory,
+            dram_num_blocks=args.num_dram_blocks,
         ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=args.max_num_batched_tokens,

@@ -52,12 +52,20 @@ class CacheConfig:
     ``num_blocks`` (tests) wins over ``memory_gib`` (GiB), which wins over ``memory_fraction``
     (fraction of free device memory after the weights, CUDA only). With none set: 1 GiB on CPU,
     0.85 of free memory on CUDA.
+
+    Prefix caching keeps finished requests' KV as historical blocks indexed by the prompt tree
+    (``enable_prefix_caching``). The host-DRAM tier takes cold cached blocks instead of dropping
+    them: ``dram_num_blocks`` (tests) wins over ``dram_gib``; with neither set, 4 GiB on CUDA
+    (pinned) and none on CPU, where device memory is DRAM already. 0 disables the tier.
     """
 
     block_size: int = 16
     memory_gib: float | None = None
     memory_fraction: float | None = None
     num_blocks: int | None = None
+    enable_prefix_caching: bool = True
+    dram_gib: float | None = None
+    dram_num_blocks: int | None = None
 
     def __post_init__(self) -> None:
         if self.block_size < 1 or self.block_size & (self.block_size - 1):
@@ -68,6 +76,10 @@ class CacheConfig:
             raise ValueError("kv cache fraction must be in (0, 1]")
         if self.num_blocks is not None and self.num_blocks < 1:
             raise ValueError("num_blocks must be >= 1")
+        if self.dram_gib is not None and self.dram_gib < 0:
+            raise ValueError("DRAM cache memory must be >= 0 GiB")
+        if self.dram_num_blocks is not None and self.dram_num_blocks < 0:
+            raise ValueError("dram_num_blocks must be >= 0")
 
 
 @dataclass(frozen=True)

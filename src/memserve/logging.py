@@ -20,7 +20,7 @@ from aiohttp.web_response import StreamResponse
 
 LogFormat = Literal["console", "json"]
 
-QUIET_ACCESS_PATHS = frozenset({"/health"})
+QUIET_ACCESS_PATHS = frozenset({"/health", "/metrics"})
 """Paths whose access-log lines are at debug level (load balancers probe them constantly)."""
 
 

@@ -59,6 +59,9 @@ class AsyncEngine:
     def is_healthy(self) -> bool:
         return self._failed is None and self._task is not None and not self._task.done()
 
+    def render_metrics(self) -> bytes:
+        return self.engine.metrics.render()
+
     @property
     def num_waiting(self) -> int:
         return self.engine.num_waiting + sum(isinstance(p, _Add) for p in self._pending)

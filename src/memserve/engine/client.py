@@ -23,6 +23,9 @@ class EngineClient(Protocol):
     - Closing the generator early (``aclose()``, or the consuming task being cancelled, e.g. by a
       client disconnect) aborts the request; its KV blocks are freed before the next engine step.
     - ``request_id`` must be unique among running requests.
+    - ``render_metrics`` returns the Prometheus text exposition (``memserve.metrics.CONTENT_TYPE``)
+      of the engine's metrics; it is cheap, never blocks on an engine step, and may be called at
+      any time from the event loop.
     """
 
     @property
@@ -39,3 +42,5 @@ class EngineClient(Protocol):
     ) -> AsyncIterator[RequestOutput]: ...
 
     def is_healthy(self) -> bool: ...
+
+    def render_metrics(self) -> bytes: ...

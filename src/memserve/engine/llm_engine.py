@@ -7,6 +7,7 @@ loop, or offline code). Every request added gets exactly one ``RequestOutput`` w
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 
 import structlog
@@ -15,14 +16,17 @@ import torch
 from memserve.attention import select_backend
 from memserve.config import EngineConfig
 from memserve.engine.detokenizer import IncrementalDetokenizer
+from memserve.engine.kv_manager import KVCacheManager
 from memserve.engine.model_runner import ModelRunner, RunnerOutput
 from memserve.engine.request import Request
 from memserve.engine.sampler import Sampler
-from memserve.engine.scheduler import KVCacheManager, Scheduler, SchedulerOutput
+from memserve.engine.scheduler import Scheduler, SchedulerOutput
 from memserve.engine.types import RequestError, RequestOutput, SamplingParams, TokenLogprob
 from memserve.hardware import keep_freed_memory
 from memserve.mempool.block_allocator import BlockAllocator
 from memserve.mempool.kv_cache import KVCache
+from memserve.mempool.pool import MemPool, Tier
+from memserve.metrics import EngineMetrics, EngineSnapshot, TierSnapshot
 from memserve.model.llama import LlamaModel
 from memserve.model.loader import LoadedModel, load_model, resolve_dtype
 
@@ -49,11 +53,12 @@ class LLMEngine:
         backend = select_backend(config.attention_backend, self.device, self.dtype)
         self.model = LlamaModel(self.arch, loaded.weights, backend)
         self.cache = self._make_cache()
-        self.allocator = BlockAllocator(self.cache.num_blocks)
-        self.scheduler = Scheduler(
-            config.scheduler, KVCacheManager(self.allocator, self.cache.block_size)
-        )
+        self.pool = MemPool(self.cache, self._make_dram_cache())
+        self.kv = KVCacheManager(self.pool, config.cache.enable_prefix_caching)
+        self.scheduler = Scheduler(config.scheduler, self.kv)
         self.runner = ModelRunner(self.model, self.cache, Sampler(mc.seed))
+        self.metrics = EngineMetrics(self.snapshot)
+        self.num_prompt_tokens_computed = 0  # counter, for metrics
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self._requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
@@ -64,26 +69,43 @@ class LLMEngine:
             device=str(self.device),
             backend=backend.name,
             kv_blocks=self.cache.num_blocks,
+            dram_blocks=self.pool.num_blocks(Tier.DRAM),
+            prefix_caching=self.kv.enable_caching,
             block_size=self.cache.block_size,
             max_model_len=self.max_model_len,
         )
 
-    def _make_cache(self) -> KVCache:
-        cc = self.config.cache
+    def _bytes_per_block(self) -> int:
         a = self.arch
-        per_block = KVCache.bytes_per_block(
-            a.num_layers, cc.block_size, a.num_kv_heads, a.head_dim, self.dtype
+        return KVCache.bytes_per_block(
+            a.num_layers, self.config.cache.block_size, a.num_kv_heads, a.head_dim, self.dtype
         )
-        num_blocks = cc.num_blocks or max(1, int(self._kv_budget_bytes() // per_block))
-        return KVCache(
-            num_blocks,
-            a.num_layers,
-            cc.block_size,
-            a.num_kv_heads,
-            a.head_dim,
-            self.dtype,
-            self.device,
-        )
+
+    def _new_cache(self, num_blocks: int, device: torch.device, pin: bool = False) -> KVCache:
+        a = self.arch
+        bs = self.config.cache.block_size
+        shape = (a.num_layers, bs, a.num_kv_heads, a.head_dim)
+        return KVCache(num_blocks, *shape, self.dtype, device, pin_memory=pin)
+
+    def _make_cache(self) -> KVCache:
+        num_blocks = self.config.cache.num_blocks
+        if num_blocks is None:
+            num_blocks = max(1, int(self._kv_budget_bytes() // self._bytes_per_block()))
+        return self._new_cache(num_blocks, self.device)
+
+    def _make_dram_cache(self) -> KVCache | None:
+        """The host-DRAM tier (pinned next to a GPU), or None when it is off."""
+        cc = self.config.cache
+        if not cc.enable_prefix_caching:
+            return None
+        num_blocks = cc.dram_num_blocks
+        if num_blocks is None:
+            default_gib = 4.0 if self.device.type == "cuda" else 0.0
+            gib = default_gib if cc.dram_gib is None else cc.dram_gib
+            num_blocks = int(gib * _GIB // self._bytes_per_block())
+        if num_blocks == 0:
+            return None
+        return self._new_cache(num_blocks, torch.device("cpu"), pin=self.device.type == "cuda")
 
     def _kv_budget_bytes(self) -> float:
         cc = self.config.cache
@@ -103,6 +125,16 @@ class LLMEngine:
     @property
     def num_waiting(self) -> int:
         return len(self.scheduler.waiting)
+
+    @property
+    def allocator(self) -> BlockAllocator:
+        """The device tier's block allocator."""
+        return self.pool.allocators[Tier.DEVICE]
+
+    @property
+    def num_active_blocks(self) -> int:
+        """Device blocks held by requests (the rest of the used ones are historical)."""
+        return self.allocator.num_used - self.pool.num_historical(Tier.DEVICE)
 
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise ``RequestError`` if this request can never be served. Pure: safe from any thread."""
@@ -175,6 +207,8 @@ class LLMEngine:
         outputs = []
         for chunk in scheduled.chunks:
             request = chunk.request
+            prompt_end = min(chunk.start + chunk.num_tokens, request.num_prompt_tokens)
+            self.num_prompt_tokens_computed += max(0, prompt_end - chunk.start)
             token = result.token_ids.get(request.request_id)
             if token is None:
                 continue  # a prompt chunk that does not sample yet
@@ -192,6 +226,7 @@ class LLMEngine:
         self._check_stop(request, token)
         finished = request.finish_reason is not None
         text = request.detokenizer.take_new_text(finished)
+        self._observe_latency(request, finished)
         if finished:
             self.scheduler.finish(request)
             self._requests.pop(request.request_id, None)
@@ -212,6 +247,16 @@ class LLMEngine:
         ):
             request.finish_reason = "length"
 
+    def _observe_latency(self, request: Request, finished: bool) -> None:
+        now = time.monotonic()
+        if request.last_token_time is None:
+            self.metrics.observe_ttft(now - request.arrival_time)
+        else:
+            self.metrics.observe_itl(now - request.last_token_time)
+        request.last_token_time = now
+        if finished:
+            self.metrics.observe_e2e(now - request.arrival_time)
+
     def _output(self, request: Request, text: str, finished: bool) -> RequestOutput:
         new_ids = tuple(request.output_token_ids[request.num_emitted_tokens :])
         request.num_emitted_tokens = request.num_output_tokens
@@ -227,6 +272,7 @@ class LLMEngine:
             new_logprobs=logprobs,
             num_prompt_tokens=request.num_prompt_tokens,
             num_cached_tokens=request.num_cached_tokens,
+            num_cached_tokens_dram=request.num_cached_tokens_dram,
             num_output_tokens=request.num_output_tokens,
         )
 
@@ -234,11 +280,46 @@ class LLMEngine:
         return self._output(request, request.detokenizer.take_new_text(True), True)
 
     def check_integrity(self) -> None:
-        """Conservation of blocks: free + held by requests == total, no block held twice."""
-        self.allocator.check_integrity()
-        held = [b for r in self.scheduler.running for b in r.block_ids]
-        held += [b for r in self.scheduler.waiting for b in r.block_ids]
-        if len(held) != len(set(held)):
-            raise AssertionError("a block is held by two requests")
-        if len(held) != self.allocator.num_used:
-            raise AssertionError(f"{self.allocator.num_used} blocks used but {len(held)} held")
+        """Conservation of blocks, per tier: free + active + historical == total, where every
+        reference is either the tree's or a request's (see ``MemPool.check_integrity``); and the
+        tree's locks are exactly the requests' prefix locks."""
+        requests = [*self.scheduler.running, *self.scheduler.waiting]
+        self.pool.check_integrity(held=[b for r in requests for b in r.block_ids])
+        locks = sum(r.prefix_node is not None for r in requests)
+        tree = self.pool.tree
+        ends = tree.root.lock_ref - sum(c.lock_ref for c in tree.root.children.values())
+        ends += sum(n.lock_ref - sum(c.lock_ref for c in n.children.values()) for n in tree.nodes())
+        if ends != locks:
+            raise AssertionError(f"{ends} locks in the prompt tree, {locks} held by requests")
+
+    def snapshot(self) -> EngineSnapshot:
+        """Gauges and counters for ``/metrics``; plain ints, cheap enough for every scrape."""
+        counters = self.pool.counters
+        hits = self.kv.counters
+        return EngineSnapshot(
+            num_running=len(self.scheduler.running),
+            num_waiting=len(self.scheduler.waiting),
+            device=self._tier_snapshot(
+                Tier.DEVICE, hits.hit_tokens_device, counters.evicted_device_blocks
+            ),
+            dram=self._tier_snapshot(Tier.DRAM, hits.hit_tokens_dram, counters.evicted_dram_blocks),
+            prefix_query_tokens=hits.query_tokens,
+            prompt_tokens_computed=self.num_prompt_tokens_computed,
+            swap_out_blocks=counters.swap_out_blocks,
+            swap_in_blocks=counters.swap_in_blocks,
+            num_preemptions=self.scheduler.num_preemptions,
+        )
+
+    def _tier_snapshot(self, tier: Tier, hit_tokens: int, evicted: int) -> TierSnapshot:
+        pool = self.pool
+        total, free, historical = pool.num_blocks(tier), pool.num_free(tier), 0
+        if total:
+            historical = pool.num_historical(tier)
+        return TierSnapshot(
+            blocks_total=total,
+            blocks_free=free,
+            blocks_active=total - free - historical,
+            blocks_historical=historical,
+            prefix_hit_tokens=hit_tokens,
+            evicted_blocks=evicted,
+        )

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import enum
+import time
 
 import torch
 
 from memserve.engine.detokenizer import IncrementalDetokenizer
 from memserve.engine.types import FinishReason, SamplingParams, TokenLogprob
+from memserve.tree.radix import NodeHandle
 
 
 class RequestStatus(enum.Enum):
@@ -38,8 +40,11 @@ class Request:
         self.token_ids = list(prompt_token_ids)
         self.num_prompt_tokens = len(prompt_token_ids)
         self.num_computed_tokens = 0
-        self.num_cached_tokens = 0
+        self.num_cached_tokens = 0  # prompt tokens found cached at first admission
+        self.num_cached_tokens_dram = 0  # of those, swapped in from DRAM
         self.block_ids: list[int] = []
+        self.prefix_node: NodeHandle | None = None  # the tree node this request keeps locked
+        self.num_published_blocks = 0  # leading blocks of block_ids that are in the tree
         self.status = RequestStatus.WAITING
         self.finish_reason: FinishReason | None = None
         self.stop_reason: str | int | None = None
@@ -53,6 +58,8 @@ class Request:
         self.num_emitted_tokens = 0
         self.pending_logprobs: list[TokenLogprob] = []
         self.num_preemptions = 0
+        self.arrival_time = time.monotonic()
+        self.last_token_time: float | None = None
 
     @property
     def num_tokens(self) -> int:

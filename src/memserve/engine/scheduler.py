@@ -7,7 +7,11 @@ Works on ints only (token counts, block ids); never touches a tensor. Policy, in
    running request's new tokens, the newest running request is preempted (its blocks freed, its
    tokens recomputed later) until there is room; nothing crashes and no request is lost.
 2. Waiting requests, first come first served, while budget, ``max_num_seqs`` and blocks allow.
-   No waiting request is admitted in a step that had to preempt (it would only thrash).
+   Admission attaches the request's cached prefix (``KVCacheManager.admit``), so a hit starts
+   past it. No waiting request is admitted in a step that had to preempt (it would only thrash).
+
+Blocks come from the MemPool through ``KVCacheManager``, which reclaims historical (cached,
+unused) blocks before the scheduler ever has to preempt.
 """
 
 from __future__ import annotations
@@ -16,8 +20,8 @@ from collections import deque
 from dataclasses import dataclass
 
 from memserve.config import SchedulerConfig
+from memserve.engine.kv_manager import KVCacheManager
 from memserve.engine.request import Request, RequestStatus
-from memserve.mempool.block_allocator import BlockAllocator
 
 
 @dataclass(frozen=True)
@@ -44,38 +48,13 @@ class SchedulerOutput:
         return sum(c.num_tokens for c in self.chunks)
 
 
-class KVCacheManager:
-    """Maps requests to blocks. Block table i holds token positions [i*bs, (i+1)*bs)."""
-
-    def __init__(self, allocator: BlockAllocator, block_size: int) -> None:
-        self.allocator = allocator
-        self.block_size = block_size
-
-    def blocks_for(self, num_tokens: int) -> int:
-        return -(-num_tokens // self.block_size)
-
-    def allocate(self, request: Request, num_new_tokens: int) -> bool:
-        """Grow ``request.block_ids`` to hold ``num_computed_tokens + num_new_tokens`` tokens."""
-        total = self.blocks_for(request.num_computed_tokens + num_new_tokens)
-        missing = total - len(request.block_ids)
-        if missing <= 0:
-            return True
-        if missing > self.allocator.num_free:
-            return False
-        request.block_ids.extend(self.allocator.allocate(missing))
-        return True
-
-    def free(self, request: Request) -> None:
-        self.allocator.free(request.block_ids)
-        request.block_ids = []
-
-
 class Scheduler:
     def __init__(self, config: SchedulerConfig, kv: KVCacheManager) -> None:
         self.config = config
         self.kv = kv
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
+        self.num_preemptions = 0  # counter, for metrics
 
     def add(self, request: Request) -> None:
         self.waiting.append(request)
@@ -106,7 +85,7 @@ class Scheduler:
 
         Returns False if ``request`` itself had to be preempted.
         """
-        while not self.kv.allocate(request, num_tokens):
+        while not self.kv.grow(request, num_tokens):
             victim = self.running[-1]
             self._preempt(victim)
             preempted.append(victim.request_id)
@@ -116,18 +95,19 @@ class Scheduler:
 
     def _preempt(self, request: Request) -> None:
         self.running.remove(request)
-        self.kv.free(request)
+        self.kv.release(request)  # what it computed stays cached: re-admission will hit it
         request.num_computed_tokens = 0
         request.num_preemptions += 1
+        self.num_preemptions += 1
         request.status = RequestStatus.WAITING
         self.waiting.appendleft(request)
 
     def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            n = min(request.num_tokens - request.num_computed_tokens, budget)
-            if not self.kv.allocate(request, n):
+            if not self.kv.admit(request, budget):
                 break
+            n = min(request.num_tokens - request.num_computed_tokens, budget)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
             self.running.append(request)
@@ -137,7 +117,10 @@ class Scheduler:
 
     def update_computed(self, output: SchedulerOutput) -> None:
         for chunk in output.chunks:
-            chunk.request.num_computed_tokens += chunk.num_tokens
+            request = chunk.request
+            request.num_computed_tokens += chunk.num_tokens
+            if chunk.start < request.num_prompt_tokens:
+                self.kv.publish(request)  # concurrent requests share the prompt from now on
 
     def finish(self, request: Request) -> None:
         """Remove a finished or aborted request from the queues and free its blocks."""
@@ -145,5 +128,5 @@ class Scheduler:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.free(request)
+        self.kv.release(request)
         request.status = RequestStatus.FINISHED

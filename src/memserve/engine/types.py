@@ -6,7 +6,7 @@ class, tests); they are frozen and hold plain Python values only, never tensors.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Literal
 
 FinishReason = Literal["stop", "length", "abort", "error"]
@@ -97,7 +97,7 @@ class RequestOutput:
     stop_reason: str | int | None = None
     new_logprobs: tuple[TokenLogprob, ...] | None = None
     num_prompt_tokens: int = 0
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache (any tier)
+    num_cached_tokens_dram: int = 0  # of those, tokens swapped in from host DRAM for this request
     num_output_tokens: int = 0
     error: str | None = None
-    extra: dict[str, int] = field(default_factory=dict)

@@ -32,12 +32,14 @@ class KVCache:
         head_dim: int,
         dtype: torch.dtype,
         device: torch.device,
+        pin_memory: bool = False,
     ) -> None:
+        """``pin_memory``: page-locked host memory (a DRAM tier next to a GPU: fast async copies)."""
         self.num_blocks = num_blocks
         self.num_layers = num_layers
         self.block_size = block_size
         shape = (num_blocks, num_layers, 2, block_size, num_kv_heads, head_dim)
-        self.data = torch.zeros(shape, dtype=dtype, device=device)
+        self.data = torch.zeros(shape, dtype=dtype, device=device, pin_memory=pin_memory)
         # Views share storage with ``data``; built once.
         self.pages = self.data.view(num_blocks * num_layers * 2, block_size, num_kv_heads, head_dim)
         self.rows = self.data.view(-1, num_kv_heads, head_dim)

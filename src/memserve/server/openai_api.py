@@ -1,7 +1,7 @@
 """The public OpenAI-compatible HTTP API (the front door), as vLLM's server presents it to users.
 
 Routes: ``POST /v1/completions``, ``POST /v1/chat/completions``, ``GET /v1/models``,
-``GET /health``. The app depends only on an ``EngineClient``.
+``GET /health``, ``GET /metrics`` (Prometheus). The app depends only on an ``EngineClient``.
 
 A request's life: parse and validate the body (``protocol``) → check the model → tokenize →
 fan out one engine request per (prompt, choice) → merge their output streams → answer
@@ -29,6 +29,7 @@ from aiohttp import web
 from memserve.engine.client import EngineClient
 from memserve.engine.types import RequestOutput, SamplingParams
 from memserve.logging import AccessLogger
+from memserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
 from memserve.model.tokenizer import Tokenizer
 from memserve.server.errors import APIError, bad_request, error_middleware, to_api_error
 from memserve.server.protocol import (
@@ -79,6 +80,7 @@ def build_app(engine: EngineClient, *, request_timeout_s: float | None = None) -
     app.router.add_post("/v1/chat/completions", create_chat_completion)
     app.router.add_get("/v1/models", list_models)
     app.router.add_get("/health", health)
+    app.router.add_get("/metrics", metrics)
     return app
 
 
@@ -156,6 +158,12 @@ async def health(request: web.Request) -> web.Response:
     if not request.app[ENGINE].is_healthy():
         raise APIError(503, "The engine is not healthy", type="server_error", code="unhealthy")
     return web.Response(status=200)
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[ENGINE].render_metrics()
+    # Set the header directly: aiohttp's content_type= argument rejects a charset parameter.
+    return web.Response(body=body, headers={"Content-Type": METRICS_CONTENT_TYPE})
 
 
 # --- request preparation ------------------------------------------------------------------------

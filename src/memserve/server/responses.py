@@ -36,13 +36,16 @@ class Choice:
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
-    num_cached_tokens: int = 0
+    num_cached_tokens: int = 0  # the most any increment reported (any tier)
+    num_cached_tokens_dram: int = 0  # of those, from DRAM (same increment, so never more)
 
     def add(self, output: RequestOutput) -> None:
         self.text_parts.append(output.new_text)
         self.num_tokens += len(output.new_token_ids)
         self.logprobs.extend(output.new_logprobs or ())
-        self.num_cached_tokens = max(self.num_cached_tokens, output.num_cached_tokens)
+        if output.num_cached_tokens >= self.num_cached_tokens:
+            self.num_cached_tokens = output.num_cached_tokens
+            self.num_cached_tokens_dram = output.num_cached_tokens_dram
         if output.finished:
             self.finish_reason = output.finish_reason
             self.stop_reason = output.stop_reason
@@ -54,19 +57,33 @@ class Choice:
 
 def usage(prompt_lens: Sequence[int], choices: Sequence[Choice]) -> JSON:
     """OpenAI's ``usage``. Like ``prompt_tokens``, cached tokens count once per prompt: with n > 1
-    the least any of its choices found cached (siblings may hit each other's fresh prefill)."""
-    cached: dict[int, int] = {}
+    the least any of its choices found cached (siblings may hit each other's fresh prefill). The
+    tier split (``cached_tokens_device`` + ``cached_tokens_dram`` == ``cached_tokens``) is that
+    same choice's."""
+    least: dict[int, Choice] = {}
     for choice in choices:
-        previous = cached.get(choice.prompt_index, choice.num_cached_tokens)
-        cached[choice.prompt_index] = min(previous, choice.num_cached_tokens)
+        kept = least.setdefault(choice.prompt_index, choice)
+        if _cached(choice) < _cached(kept):
+            least[choice.prompt_index] = choice
+    num_cached = sum(c.num_cached_tokens for c in least.values())
+    num_cached_dram = sum(c.num_cached_tokens_dram for c in least.values())
     num_prompt_tokens = sum(prompt_lens)
     num_completion_tokens = sum(c.num_tokens for c in choices)
     return {
         "prompt_tokens": num_prompt_tokens,
         "completion_tokens": num_completion_tokens,
         "total_tokens": num_prompt_tokens + num_completion_tokens,
-        "prompt_tokens_details": {"cached_tokens": sum(cached.values())},
+        "prompt_tokens_details": {
+            "cached_tokens": num_cached,
+            "cached_tokens_device": num_cached - num_cached_dram,
+            "cached_tokens_dram": num_cached_dram,
+        },
     }
+
+
+def _cached(choice: Choice) -> tuple[int, int]:
+    """Order of choices for ``usage``: fewest cached tokens, then fewest from DRAM."""
+    return choice.num_cached_tokens, choice.num_cached_tokens_dram
 
 
 class ResponseBuilder(ABC):

@@ -91,7 +91,7 @@ class RadixTree:
         self._num_nodes_created = 1
         self._root = Node(0, None, (), (), 0)
         self._num_blocks = dict.fromkeys(Tier, 0)
-        self._num_locked_blocks = 0
+        self._num_locked = dict.fromkeys(Tier, 0)
 
     @property
     def root(self) -> NodeHandle:
@@ -170,7 +170,7 @@ class RadixTree:
         """+1 on every node root..node: a running request uses these blocks."""
         for n in self._path_to_root(node):
             if n.lock_ref == 0:
-                self._num_locked_blocks += len(n.blocks)
+                self._count_locked(n, +1)
             n.lock_ref += 1
 
     def unlock(self, node: NodeHandle) -> None:
@@ -181,7 +181,7 @@ class RadixTree:
         for n in path:
             n.lock_ref -= 1
             if n.lock_ref == 0:
-                self._num_locked_blocks -= len(n.blocks)
+                self._count_locked(n, -1)
 
     def evict(self, num_blocks: int, tier: Tier | None = None) -> list[BlockRef]:
         """Remove up to ``num_blocks`` blocks (of ``tier`` only, if given) from unlocked leaves, oldest
@@ -204,6 +204,46 @@ class RadixTree:
                 heapq.heappush(heap, (parent.last_access, parent.node_id, parent))
         return removed
 
+    def select_swap_out(self, num_blocks: int) -> list[NodeHandle]:
+        """Pick up to ``num_blocks`` unlocked DEVICE blocks to move to DRAM, as whole nodes.
+
+        Candidates are unlocked nodes whose blocks are all on DEVICE and whose children are all on
+        DRAM (or chosen earlier in this call), so DRAM stays closed downward. Coldest first; a
+        chosen node may expose its parent. The last node is split so that the total is exact (the
+        chosen part is the tail). Tiers are not changed: the caller copies the blocks and calls
+        ``set_tier`` on every returned node before anything else touches the tree."""
+        if num_blocks < 0:
+            raise ValueError("num_blocks must be >= 0")
+        chosen: set[int] = set()
+        heap = [(n.last_access, n.node_id, n) for n in self._nodes() if self._swappable(n, chosen)]
+        heapq.heapify(heap)
+        picked: list[Node] = []
+        left = num_blocks
+        while heap and left > 0:
+            node = heapq.heappop(heap)[2]
+            if len(node.blocks) > left:
+                self._split(node, len(node.blocks) - left)  # node keeps the tail
+            picked.append(node)
+            chosen.add(node.node_id)
+            left -= len(node.blocks)
+            parent = node.parent
+            if parent is not None and self._swappable(parent, chosen):
+                heapq.heappush(heap, (parent.last_access, parent.node_id, parent))
+        return picked
+
+    def path(self, node: NodeHandle) -> list[NodeHandle]:
+        """The nodes from the root's child down to ``node`` (``[]`` for the root)."""
+        path = self._path_to_root(node)
+        path.pop()
+        path.reverse()
+        return path
+
+    def nodes(self) -> Iterator[NodeHandle]:
+        """Every node but the root, parents before children."""
+        it = self._nodes()
+        next(it)
+        return it
+
     def evictable_leaves(self) -> list[NodeHandle]:
         """Unlocked leaves, oldest first (the order ``evict`` considers them in, before it runs)."""
         return sorted(self._leaves(), key=lambda n: (n.last_access, n.node_id))
@@ -213,17 +253,21 @@ class RadixTree:
         self._path_to_root(node)
         if len(refs) != len(node.blocks):
             raise ValueError(f"node has {len(node.blocks)} blocks, got {len(refs)} refs")
+        if node.lock_ref > 0:
+            self._count_locked(node, -1)
         for ref in node.blocks:
             self._num_blocks[ref.tier] -= 1
         for ref in refs:
             self._num_blocks[ref.tier] += 1
         node.blocks = tuple(refs)
+        if node.lock_ref > 0:
+            self._count_locked(node, +1)
 
     def num_blocks(self, tier: Tier | None = None) -> int:
         return sum(self._num_blocks.values()) if tier is None else self._num_blocks[tier]
 
-    def num_locked_blocks(self) -> int:
-        return self._num_locked_blocks
+    def num_locked_blocks(self, tier: Tier | None = None) -> int:
+        return sum(self._num_locked.values()) if tier is None else self._num_locked[tier]
 
     def check_integrity(self) -> None:
         """Raise ``AssertionError`` unless edges, lock counts, LRU stamps and block bookkeeping agree."""
@@ -231,23 +275,36 @@ class RadixTree:
         if root.parent is not None or root.token_ids or root.blocks:
             raise AssertionError("the root must be empty and parentless")
         seen: set[BlockRef] = set()
-        num_locked = 0
+        num_locked = dict.fromkeys(Tier, 0)
         for node in self._nodes():
             self._check_node(node)
             for ref in node.blocks:
                 if ref in seen:
                     raise AssertionError(f"{ref} is held twice")
                 seen.add(ref)
-            num_locked += len(node.blocks) if node.lock_ref > 0 else 0
+                num_locked[ref.tier] += node.lock_ref > 0
         counts = {tier: sum(ref.tier is tier for ref in seen) for tier in Tier}
         if counts != self._num_blocks:
             raise AssertionError(f"block counts {self._num_blocks}, tree holds {counts}")
-        if num_locked != self._num_locked_blocks:
-            raise AssertionError(
-                f"{self._num_locked_blocks} locked blocks counted, {num_locked} held"
-            )
+        if num_locked != self._num_locked:
+            raise AssertionError(f"locked blocks counted {self._num_locked}, held {num_locked}")
 
     # -- internals ---------------------------------------------------------------------------
+
+    def _count_locked(self, node: Node, sign: int) -> None:
+        for ref in node.blocks:
+            self._num_locked[ref.tier] += sign
+
+    def _swappable(self, node: Node, chosen: set[int]) -> bool:
+        return (
+            node is not self._root
+            and node.lock_ref == 0
+            and node.node_id not in chosen
+            and all(ref.tier is Tier.DEVICE for ref in node.blocks)
+            and all(
+                c.node_id in chosen or c.blocks[0].tier is Tier.DRAM for c in node.children.values()
+            )
+        )
 
     def _whole_blocks(self, tokens: Sequence[int]) -> tuple[int, ...]:
         toks = tuple(tokens)

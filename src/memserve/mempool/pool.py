@@ -1,0 +1,308 @@
+"""MemPool: one instance's KV memory in two tiers (device, host DRAM) plus the prompt index.
+
+The paper's API, in plain ints (block ids are per tier; ``BlockRef`` names a tier and an id):
+
+- memory: ``alloc_mem(n, tier)``, ``free_mem(ids, tier)``, ``share_mem(ids, tier)``,
+  ``swap_out(n)`` (device -> DRAM), ``swap_in(node)`` (DRAM -> device);
+- index: ``insert(tokens, ids)``, ``match(tokens)``, ``delete(tokens)``, ``lock`` / ``unlock``;
+- data: ``read_blocks`` / ``write_blocks`` gather and scatter whole aggregated blocks. They are the
+  seam for the distributed calls of the next layer: ``transfer(ids, peer)`` is ``read_blocks`` +
+  a send, and ``transfer_with_insert(tokens, ids, peer)`` is the peer's ``alloc_mem`` +
+  ``write_blocks`` + ``insert`` (see ``KVTransfer``).
+
+Ownership is reference counting. The prompt tree holds one reference on every block it indexes;
+a request holds one reference on every block of its block table. Hence a block is
+
+- **free**: no reference;
+- **active**: referenced by at least one request (its tree node, if any, is locked);
+- **historical**: referenced by the tree only — cached, and reclaimable when its node is unlocked.
+
+Reclaiming (inside ``alloc_mem``): device blocks are swapped out to DRAM, coldest first, while the
+DRAM tier exists; DRAM makes room by dropping its own coldest blocks; without DRAM, cold device
+leaves are dropped. Locked blocks are never moved or dropped. Two invariants keep this simple:
+every tree node lives in one tier, and DRAM is closed downward (a DRAM node's children are DRAM),
+so a hit is a device prefix followed by a DRAM part, and swap-in moves whole nodes.
+
+Not thread-safe: one owner (the engine) serialises every call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from memserve.mempool.block_allocator import BlockAllocator, NoFreeBlocksError
+from memserve.mempool.kv_cache import KVCache
+from memserve.tree.radix import BlockRef, Match, NodeHandle, RadixTree, Tier
+
+__all__ = ["KVTransfer", "MemPool", "NoFreeBlocksError", "PoolCounters", "Tier"]
+
+
+class KVTransfer(Protocol):
+    """The distributed MemPool calls (next layer), expressed on top of this one.
+
+    ``transfer`` sends the KV of ``block_ids`` (device tier) to ``peer``; ``transfer_with_insert``
+    also publishes it there under ``tokens``, so the peer's later ``match`` finds it.
+    """
+
+    async def transfer(self, block_ids: Sequence[int], peer: str) -> None: ...
+
+    async def transfer_with_insert(
+        self, tokens: Sequence[int], block_ids: Sequence[int], peer: str
+    ) -> None: ...
+
+
+@dataclass
+class PoolCounters:
+    """Monotonic counters (blocks, or tokens where named) since the pool was made."""
+
+    swap_out_blocks: int = 0
+    swap_in_blocks: int = 0
+    evicted_device_blocks: int = 0
+    evicted_dram_blocks: int = 0
+
+
+class MemPool:
+    def __init__(self, device: KVCache, dram: KVCache | None = None) -> None:
+        if dram is not None and dram.block_size != device.block_size:
+            raise ValueError("both tiers must use the same block size")
+        self.block_size = device.block_size
+        self.caches: dict[Tier, KVCache] = {Tier.DEVICE: device}
+        self.allocators = {Tier.DEVICE: BlockAllocator(device.num_blocks)}
+        if dram is not None:
+            self.caches[Tier.DRAM] = dram
+            self.allocators[Tier.DRAM] = BlockAllocator(dram.num_blocks)
+        self.tree = RadixTree(self.block_size)
+        self.counters = PoolCounters()
+
+    @property
+    def has_dram(self) -> bool:
+        return Tier.DRAM in self.allocators
+
+    def num_blocks(self, tier: Tier) -> int:
+        allocator = self.allocators.get(tier)
+        return 0 if allocator is None else allocator.num_blocks
+
+    def num_free(self, tier: Tier) -> int:
+        allocator = self.allocators.get(tier)
+        return 0 if allocator is None else allocator.num_free
+
+    def num_historical(self, tier: Tier) -> int:
+        """Blocks only the tree references (exact when locks mirror request holdings)."""
+        return self.tree.num_blocks(tier) - self.tree.num_locked_blocks(tier)
+
+    def num_available(self, tier: Tier = Tier.DEVICE) -> int:
+        """Blocks ``alloc_mem`` can hand out now: free plus reclaimable (unlocked, in the tree)."""
+        return self.num_free(tier) + self.num_historical(tier)
+
+    # ---- memory --------------------------------------------------------------------------
+
+    def alloc_mem(self, num_blocks: int, tier: Tier = Tier.DEVICE) -> list[int]:
+        """``num_blocks`` distinct blocks of ``tier``, refcount 1, reclaiming historical blocks as
+        needed. Raises ``NoFreeBlocksError`` (having reclaimed nothing) if even that is not enough."""
+        allocator = self.allocators[tier]
+        if num_blocks > self.num_available(tier):
+            raise NoFreeBlocksError(
+                f"need {num_blocks} {tier.value} blocks, {self.num_available(tier)} available"
+            )
+        self._reclaim(num_blocks - allocator.num_free, tier)
+        return allocator.allocate(num_blocks)
+
+    def free_mem(self, block_ids: Iterable[int], tier: Tier = Tier.DEVICE) -> None:
+        """Drop one reference per id; a block with none left becomes free."""
+        self.allocators[tier].free(block_ids)
+
+    def share_mem(self, block_ids: Iterable[int], tier: Tier = Tier.DEVICE) -> None:
+        """Add one reference per id (a request starts using a cached block)."""
+        self.allocators[tier].share(block_ids)
+
+    def swap_out(self, num_blocks: int) -> int:
+        """Move up to ``num_blocks`` historical device blocks to free DRAM blocks, coldest first.
+        Returns how many moved (0 without a DRAM tier, or when DRAM or candidates run out)."""
+        if not self.has_dram:
+            return 0
+        nodes = self.tree.select_swap_out(min(num_blocks, self.num_free(Tier.DRAM)))
+        src = [ref.block_id for node in nodes for ref in node.blocks]
+        if not src:
+            return 0
+        dst = self.allocators[Tier.DRAM].allocate(len(src))
+        self._copy(Tier.DEVICE, src, Tier.DRAM, dst)
+        self._retier(nodes, Tier.DRAM, dst)
+        self.allocators[Tier.DEVICE].free(src)
+        self.counters.swap_out_blocks += len(src)
+        return len(src)
+
+    def swap_in(self, node: NodeHandle) -> int:
+        """Move the DRAM blocks on root..``node`` to device. ``node`` must be locked (so nothing
+        on the path is reclaimed meanwhile). Returns the number of blocks moved; raises
+        ``NoFreeBlocksError`` (changing nothing) if the device has no room for them."""
+        if node.lock_ref == 0:
+            raise ValueError("swap_in needs a locked node")
+        nodes = [n for n in self.tree.path(node) if n.blocks[0].tier is Tier.DRAM]
+        src = [ref.block_id for n in nodes for ref in n.blocks]
+        if not src:
+            return 0
+        dst = self.alloc_mem(len(src), Tier.DEVICE)
+        self._copy(Tier.DRAM, src, Tier.DEVICE, dst)
+        self._retier(nodes, Tier.DEVICE, dst)
+        self.allocators[Tier.DRAM].free(src)
+        self.counters.swap_in_blocks += len(src)
+        return len(src)
+
+    # ---- index ---------------------------------------------------------------------------
+
+    def match(self, tokens: Sequence[int]) -> Match:
+        """Longest cached prefix of ``tokens`` in whole blocks (any tier; see ``swap_in``)."""
+        return self.tree.match(tokens)
+
+    def lock(self, node: NodeHandle) -> None:
+        self.tree.lock(node)
+
+    def unlock(self, node: NodeHandle) -> None:
+        self.tree.unlock(node)
+
+    def insert(self, tokens: Sequence[int], block_ids: Sequence[int]) -> Match:
+        """Publish device blocks ``block_ids`` (one per whole block of ``tokens``) as the KV of
+        ``tokens``. The caller keeps its own references; the tree takes one on every block it
+        newly indexes. Where the prefix is already cached on device the cached block wins; where it
+        is cached in DRAM the caller's device block replaces it (a free swap-in). Returns the match
+        of the whole inserted prefix: the canonical device blocks, which the caller should use
+        (and reference) instead of its own, and the node to lock."""
+        block_ids = block_ids[: len(tokens) // self.block_size]
+        tokens = tokens[: len(block_ids) * self.block_size]
+        refs = [BlockRef(Tier.DEVICE, b) for b in block_ids]
+        before = self.tree.match(tokens)
+        self._promote(before.node, refs)
+        self.tree.insert(tokens, refs)
+        self.allocators[Tier.DEVICE].share(block_ids[len(before.blocks) :])
+        return self.tree.match(tokens)
+
+    def delete(self, tokens: Sequence[int]) -> int:
+        """Drop the cached last block of ``tokens`` and everything cached after it. Raises
+        ``ValueError`` if any of it is locked. Returns the number of blocks dropped."""
+        removed = self.tree.delete(tokens)
+        self._release(removed, evicted=False)
+        return len(removed)
+
+    # ---- data (transfer seam) ------------------------------------------------------------
+
+    def read_blocks(self, block_ids: Sequence[int], tier: Tier = Tier.DEVICE) -> torch.Tensor:
+        """A contiguous copy of whole blocks, ``[n, L, 2, block_size, H_kv, D]``."""
+        return self.caches[tier].block_view(list(block_ids))
+
+    def write_blocks(
+        self, block_ids: Sequence[int], data: torch.Tensor, tier: Tier = Tier.DEVICE
+    ) -> None:
+        cache = self.caches[tier]
+        index = torch.tensor(block_ids, dtype=torch.long, device=cache.data.device)
+        # Blocking on purpose: a freed source block may be reused right after this returns.
+        cache.data.index_copy_(0, index, data.to(cache.data.device))
+
+    # ---- integrity -----------------------------------------------------------------------
+
+    def check_integrity(self, held: Iterable[int] = ()) -> None:
+        """Raise ``AssertionError`` unless, per tier, every block's refcount equals its tree
+        reference plus the requests holding it (``held``: device block ids, one entry per
+        holding), free + active + historical == total, no unlocked tree block is held, nodes are
+        single-tier and DRAM is closed downward."""
+        self.tree.check_integrity()
+        expected = {tier: [0] * alloc.num_blocks for tier, alloc in self.allocators.items()}
+        for b in held:
+            expected[Tier.DEVICE][b] += 1
+        for node in self.tree.nodes():
+            self._check_node_tiers(node, expected)
+        for tier, allocator in self.allocators.items():
+            allocator.check_integrity()
+            actual = [allocator.refcount(b) for b in range(allocator.num_blocks)]
+            if actual != expected[tier]:
+                bad = next(
+                    b for b, (x, y) in enumerate(zip(actual, expected[tier], strict=True)) if x != y
+                )
+                raise AssertionError(
+                    f"{tier.value} block {bad}: refcount {actual[bad]}, expected {expected[tier][bad]}"
+                )
+        for tier in Tier:
+            if tier not in self.allocators and self.tree.num_blocks(tier):
+                raise AssertionError(
+                    f"the tree indexes {tier.value} blocks but there is no such tier"
+                )
+
+    def _check_node_tiers(self, node: NodeHandle, expected: dict[Tier, list[int]]) -> None:
+        tier = node.blocks[0].tier
+        if any(ref.tier is not tier for ref in node.blocks):
+            raise AssertionError(f"{node!r} mixes tiers")
+        if tier is Tier.DRAM and any(
+            c.blocks[0].tier is not Tier.DRAM for c in node.children.values()
+        ):
+            raise AssertionError(f"{node!r} is in DRAM but has a device child")
+        counts = expected.get(tier)
+        if counts is None:
+            return
+        for ref in node.blocks:
+            if node.lock_ref == 0 and counts[ref.block_id] != 0:
+                raise AssertionError(f"{ref} is held by a request but its node is unlocked")
+            counts[ref.block_id] += 1
+
+    # ---- internals -----------------------------------------------------------------------
+
+    def _reclaim(self, num_blocks: int, tier: Tier) -> None:
+        """Make ``num_blocks`` more blocks of ``tier`` free (the caller checked they exist)."""
+        allocator = self.allocators[tier]
+        target = allocator.num_free + num_blocks
+        while allocator.num_free < target:
+            need = target - allocator.num_free
+            if self._demote(need, tier):
+                continue
+            dropped = self.tree.evict(need, tier)
+            if not dropped:
+                raise AssertionError(f"{need} {tier.value} blocks counted reclaimable, none found")
+            self._release(dropped)
+
+    def _demote(self, need: int, tier: Tier) -> int:
+        """Swap up to ``need`` device blocks out to DRAM (making DRAM room first); 0 if none."""
+        if tier is not Tier.DEVICE or not self.has_dram or not self._make_dram_room(need):
+            return 0
+        return self.swap_out(need)
+
+    def _make_dram_room(self, want: int) -> bool:
+        """Free DRAM blocks for a swap-out (dropping the coldest DRAM leaves if DRAM is full)."""
+        if self.num_free(Tier.DRAM) == 0:
+            self._release(self.tree.evict(want, Tier.DRAM))
+        return self.num_free(Tier.DRAM) > 0
+
+    def _release(self, refs: Sequence[BlockRef], evicted: bool = True) -> None:
+        """Drop the tree's reference on blocks it no longer indexes."""
+        for ref in refs:
+            self.allocators[ref.tier].free((ref.block_id,))
+            if not evicted:
+                continue
+            if ref.tier is Tier.DEVICE:
+                self.counters.evicted_device_blocks += 1
+            else:
+                self.counters.evicted_dram_blocks += 1
+
+    def _promote(self, node: NodeHandle, refs: Sequence[BlockRef]) -> None:
+        """Replace the DRAM nodes on root..``node`` by the caller's device copies ``refs``."""
+        pos = 0
+        for n in self.tree.path(node):
+            if n.blocks[0].tier is Tier.DRAM:
+                old = [ref.block_id for ref in n.blocks]
+                new = refs[pos : pos + len(n.blocks)]
+                self.tree.set_tier(n, new)
+                self.allocators[Tier.DEVICE].share(ref.block_id for ref in new)
+                self.allocators[Tier.DRAM].free(old)
+            pos += len(n.blocks)
+
+    def _retier(self, nodes: Sequence[NodeHandle], tier: Tier, block_ids: Sequence[int]) -> None:
+        pos = 0
+        for node in nodes:
+            n = len(node.blocks)
+            self.tree.set_tier(node, [BlockRef(tier, b) for b in block_ids[pos : pos + n]])
+            pos += n
+
+    def _copy(self, src_tier: Tier, src: Sequence[int], dst_tier: Tier, dst: Sequence[int]) -> None:
+        """One gather and one scatter of whole aggregated blocks between tiers."""
+        self.write_blocks(dst, self.read_blocks(src, src_tier), dst_tier)
