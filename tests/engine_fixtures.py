@@ -44,10 +44,17 @@ def engine_config(
     max_num_seqs: int = 64,
     max_waiting_requests: int = 1024,
     max_model_len: int | None = None,
+    enable_prefix_caching: bool = True,
+    dram_num_blocks: int = 0,
 ) -> EngineConfig:
     return EngineConfig(
         model=ModelConfig(TINY, dtype="float32", max_model_len=max_model_len),
-        cache=CacheConfig(block_size=block_size, num_blocks=num_blocks),
+        cache=CacheConfig(
+            block_size=block_size,
+            num_blocks=num_blocks,
+            enable_prefix_caching=enable_prefix_caching,
+            dram_num_blocks=dram_num_blocks,
+        ),
         scheduler=SchedulerConfig(
             max_num_batched_tokens=max_num_batched_tokens,
             max_num_seqs=max_num_seqs,
@@ -65,6 +72,8 @@ class EngineSettings(TypedDict, total=False):
     max_num_seqs: int
     max_waiting_requests: int
     max_model_len: int | None
+    enable_prefix_caching: bool
+    dram_num_blocks: int
 
 
 class EngineFactory(Protocol):
@@ -114,6 +123,8 @@ class Collected:
     num_finished: int = 0
     finish_reason: FinishReason | None = None
     stop_reason: str | int | None = None
+    num_cached_tokens: int = 0
+    num_cached_tokens_dram: int = 0
 
     def add(self, out: RequestOutput) -> None:
         assert self.num_finished == 0, f"{out.request_id}: output after the final one"
@@ -126,6 +137,8 @@ class Collected:
             self.num_finished += 1
             self.finish_reason = out.finish_reason
             self.stop_reason = out.stop_reason
+            self.num_cached_tokens = out.num_cached_tokens
+            self.num_cached_tokens_dram = out.num_cached_tokens_dram
 
 
 @dataclass(frozen=True)

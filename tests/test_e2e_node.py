@@ -129,6 +129,54 @@ def test_chat_and_streaming_chat_agree(client: openai.OpenAI, offline: LLM) -> N
     assert full.usage.prompt_tokens == len(prompt_ids)
 
 
+def _chat_ids(llm: LLM, messages: list[openai.types.chat.ChatCompletionMessageParam]) -> list[int]:
+    tok = llm.engine.tokenizer
+    return tok.encode(tok.apply_chat_template(messages), add_special_tokens=False)
+
+
+def test_second_turn_of_a_chat_hits_the_cache(
+    client: openai.OpenAI, node: tuple[str, subprocess.Popen[bytes]], offline: LLM
+) -> None:
+    """Turn 2 carries turn 1's history: usage counts exactly the whole 16-token blocks of what
+    turn 1 computed that turn 2's prompt starts with; the answer equals the offline engine's;
+    /metrics shows the hit."""
+    messages: list[openai.types.chat.ChatCompletionMessageParam] = [
+        {"role": "system", "content": "You answer in one long sentence about the sea. " * 4},
+        {"role": "user", "content": "Tell me about tides."},
+    ]
+    first = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=9, temperature=0
+    )
+    reply = first.choices[0].message.content
+    assert reply is not None
+    first_ids = _chat_ids(offline, messages)
+    _, first_out = _offline_text(offline, first_ids, 9)
+    computed = [*first_ids, *first_out][:-1]  # the last sampled token has no KV
+    messages += [{"role": "assistant", "content": reply}, {"role": "user", "content": "Waves?"}]
+    second = client.chat.completions.create(
+        model=MODEL, messages=messages, max_tokens=9, temperature=0
+    )
+    second_ids = _chat_ids(offline, messages)
+    common = next(
+        (i for i, (a, b) in enumerate(zip(computed, second_ids, strict=False)) if a != b),
+        min(len(computed), len(second_ids)),
+    )
+    assert second.usage is not None and second.usage.prompt_tokens_details is not None
+    cached = second.usage.prompt_tokens_details.cached_tokens
+    assert cached == min(common, len(second_ids) - 1) // 16 * 16
+    assert cached >= 48  # the system prompt alone is several blocks
+    text, _ = _offline_text(offline, second_ids, 9)
+    assert second.choices[0].message.content == text
+    with urllib.request.urlopen(node[0] + "/metrics", timeout=5) as r:
+        body = r.read().decode()
+    hits = [
+        float(line.split()[-1])
+        for line in body.splitlines()
+        if line.startswith('memserve_prefix_cache_hit_tokens_total{tier="device"}')
+    ]
+    assert hits and hits[0] >= cached
+
+
 def test_streaming_completion(client: openai.OpenAI) -> None:
     stream = client.completions.create(
         model=MODEL, prompt=[5, 6, 7, 8], max_tokens=8, temperature=0, stream=True
@@ -168,7 +216,8 @@ def test_cli_help_documents_flags() -> None:
     assert out.returncode == 0
     for flag in ("--role", "--model", "--host", "--port", "--device", "--dtype", "--block-size",
                  "--kv-cache-memory", "--max-num-batched-tokens", "--max-num-seqs",
-                 "--attention-backend", "--log-format"):  # fmt: skip
+                 "--attention-backend", "--log-format", "--no-prefix-caching",
+                 "--dram-cache-memory"):  # fmt: skip
         assert flag in out.stdout
 
 

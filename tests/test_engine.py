@@ -55,8 +55,9 @@ def jobs(lengths: Sequence[int], params: SamplingParams = GREEDY) -> list[Job]:
 
 @pytest.fixture(scope="module")
 def solo(tiny: LoadedModel) -> Iterator[Solo]:
-    """Generates a job alone in one engine kept for the module; results are memoized."""
-    engine = LLMEngine(engine_config(num_blocks=64), loaded=tiny)
+    """Generates a job alone in one engine kept for the module, with prefix caching off (a cold
+    run every time); results are memoized."""
+    engine = LLMEngine(engine_config(num_blocks=64, enable_prefix_caching=False), loaded=tiny)
     memo: dict[Job, Collected] = {}
 
     def run(job: Job) -> Collected:
