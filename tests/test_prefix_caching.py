@@ -222,6 +222,33 @@ def test_cold_history_moves_to_dram_and_hits_from_there(
     assert_same_as_cold(got1, cold, turn1)
 
 
+def test_swap_ins_of_one_step_are_bounded(make_engine: EngineFactory, cold: LLMEngine) -> None:
+    """Two turns whose histories sit in DRAM arrive together. A step swaps in at most its token
+    budget in blocks (2 blocks here), except that its first swap-in may be any size: so the
+    second turn waits one step, then both complete exactly."""
+    engine = make_engine(
+        num_blocks=12, block_size=BS, dram_num_blocks=40, max_num_batched_tokens=2 * BS
+    )
+    firsts = [Job(f"t0-{i}", tokens(33, seed=40 + i), GREEDY) for i in range(2)]
+    outs = [run_alone(engine, job)[0] for job in firsts]
+    for i in range(3):
+        run_alone(engine, Job(f"other{i}", tokens(60, seed=50 + i), GREEDY))
+    seconds = [
+        Job(f"t1-{i}", (*job.prompt, *out.token_ids, *tokens(5, seed=60 + i)), GREEDY)
+        for i, (job, out) in enumerate(zip(firsts, outs, strict=True))
+    ]
+    requests = [add_job(engine, job) for job in seconds]
+    results: dict[str, Collected] = {}
+    for out in engine.step():
+        results.setdefault(out.request_id, Collected()).add(out)
+    assert [r.request_id for r in engine.scheduler.running] == ["t1-0"]
+    assert requests[0].num_cached_tokens_dram > 2 * BS
+    collect(engine, results)
+    for job, request in zip(seconds, requests, strict=True):
+        assert request.num_cached_tokens_dram > 2 * BS
+        assert_same_as_cold(results[job.request_id], cold, job)
+
+
 def metric_values(engine: LLMEngine) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     text = engine.metrics.render().decode()
     return {

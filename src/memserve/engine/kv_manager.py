@@ -43,13 +43,17 @@ class KVCacheManager:
     def blocks_for(self, num_tokens: int) -> int:
         return -(-num_tokens // self.block_size)
 
-    def admit(self, request: Request, max_new_tokens: int) -> bool:
+    def admit(
+        self, request: Request, max_new_tokens: int, max_swap_in_blocks: int | None = None
+    ) -> int | None:
         """Give a request with no blocks its cached prefix plus blocks for its first chunk
-        (``min(uncached tokens, max_new_tokens)``). False, changing nothing, if there is no room."""
+        (``min(uncached tokens, max_new_tokens)``), swapping the hit's DRAM part in if it is at
+        most ``max_swap_in_blocks`` (None: any). Returns the number of blocks swapped in, or None,
+        changing nothing, if there is no room or the swap-in is over budget."""
         assert not request.block_ids and request.prefix_node is None
         if not self.enable_caching:
             num_new = min(request.num_tokens, max_new_tokens)
-            return self.grow(request, num_new)
+            return 0 if self.grow(request, num_new) else None
         pool = self.pool
         bs = self.block_size
         hit = pool.match(request.token_ids[: (request.num_tokens - 1) // bs * bs])
@@ -57,9 +61,10 @@ class KVCacheManager:
         num_dram = sum(ref.tier is Tier.DRAM for ref in hit.blocks)
         num_new = min(request.num_tokens - hit.num_tokens, max_new_tokens)
         need = num_dram + self.blocks_for(hit.num_tokens + num_new) - len(hit.blocks)
-        if need > pool.num_available(Tier.DEVICE):
+        over_budget = max_swap_in_blocks is not None and num_dram > max_swap_in_blocks
+        if over_budget or need > pool.num_available(Tier.DEVICE):
             pool.unlock(hit.node)
-            return False
+            return None
         pool.swap_in(hit.node)
         cached = [ref.block_id for node in pool.tree.path(hit.node) for ref in node.blocks]
         pool.share_mem(cached)
@@ -73,7 +78,7 @@ class KVCacheManager:
         self._count_lookup(request.num_tokens, hit.num_tokens, num_dram * bs)
         grown = self.grow(request, num_new)
         assert grown, "room was checked before the swap-in"
-        return True
+        return num_dram
 
     def grow(self, request: Request, num_new_tokens: int) -> bool:
         """Grow ``request.block_ids`` to hold ``num_computed_tokens + num_new_tokens`` tokens,

@@ -8,7 +8,7 @@ Works on ints only (token counts, block ids); never touches a tensor. Policy, in
    tokens recomputed later) until there is room; nothing crashes and no request is lost.
 2. Waiting requests, first come first served, while budget, ``max_num_seqs`` and blocks allow.
    Admission attaches the request's cached prefix (``KVCacheManager.admit``), so a hit starts
-   past it. No waiting request is admitted in a step that had to preempt (it would only thrash).
+   past it; the DRAM part of hits is swapped in within a per-step block budget. No waiting request is admitted in a step that had to preempt (it would only thrash).
 
 Blocks come from the MemPool through ``KVCacheManager``, which reclaims historical (cached,
 unused) blocks before the scheduler ever has to preempt.
@@ -103,10 +103,15 @@ class Scheduler:
         self.waiting.appendleft(request)
 
     def _admit_waiting(self, budget: int, chunks: list[ScheduledChunk]) -> int:
+        swap_budget: int | None = None  # the first swap-in of a step may be any size
         while self.waiting and budget > 0 and len(self.running) < self.config.max_num_seqs:
             request = self.waiting[0]
-            if not self.kv.admit(request, budget):
+            swapped = self.kv.admit(request, budget, swap_budget)
+            if swapped is None:
                 break
+            if swapped:
+                left = self._swap_budget() if swap_budget is None else swap_budget
+                swap_budget = max(0, left - swapped)
             n = min(request.num_tokens - request.num_computed_tokens, budget)
             self.waiting.popleft()
             request.status = RequestStatus.RUNNING
@@ -114,6 +119,12 @@ class Scheduler:
             chunks.append(ScheduledChunk(request, request.num_computed_tokens, n))
             budget -= n
         return budget
+
+    def _swap_budget(self) -> int:
+        """Blocks a step may swap in from DRAM: as many as its token budget fills. A copy of a
+        block's KV costs far less than computing its tokens, so the swap-ins of one step delay
+        the running requests by less than a step."""
+        return max(1, self.config.max_num_batched_tokens // self.kv.block_size)
 
     def update_computed(self, output: SchedulerOutput) -> None:
         for chunk in output.chunks:
