@@ -193,3 +193,17 @@ def generate_alone(engine: LLMEngine, job: Job) -> Collected:
     results: dict[str, Collected] = {}
     collect(engine, results)
     return results[job.request_id]
+
+
+LOGPROB_TOL = 1e-4
+
+
+def assert_same_logprobs(got: Sequence[TokenLogprob], want: Sequence[TokenLogprob]) -> None:
+    """Same sampled tokens and top alternatives, logprobs equal within ``LOGPROB_TOL``."""
+    assert len(got) == len(want)
+    for i, (g, w) in enumerate(zip(got, want, strict=True)):
+        assert g.token_id == w.token_id, i
+        assert abs(g.logprob - w.logprob) <= LOGPROB_TOL, i
+        assert [t for t, _ in g.top] == [t for t, _ in w.top], i
+        for (_, gv), (_, wv) in zip(g.top, w.top, strict=True):
+            assert abs(gv - wv) <= LOGPROB_TOL, i

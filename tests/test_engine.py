@@ -16,11 +16,13 @@ import torch
 
 from engine_fixtures import (  # noqa: F401 - fixtures
     EOS_TOKEN_ID,
+    LOGPROB_TOL,
     Collected,
     EngineFactory,
     Job,
     add_job,
     assert_all_blocks_released,
+    assert_same_logprobs,
     collect,
     engine_config,
     generate_alone,
@@ -30,12 +32,11 @@ from engine_fixtures import (  # noqa: F401 - fixtures
 )
 from memserve.engine.llm_engine import LLMEngine
 from memserve.engine.scheduler import SchedulerOutput
-from memserve.engine.types import RequestError, SamplingParams, TokenLogprob
+from memserve.engine.types import RequestError, SamplingParams
 from memserve.model.loader import LoadedModel
 from memserve.model.ops import pack_weight, unpack_weight
 from model_harness import llama_model, paged_logits
 
-LOGPROB_TOL = 1e-4
 DOT_TOKEN_ID = 3 + ord(".")  # the dummy tokenizer's byte tokens start at id 3
 GREEDY = SamplingParams(temperature=0, logprobs=5, ignore_eos=True, max_tokens=8)
 
@@ -67,16 +68,6 @@ def solo(tiny: LoadedModel) -> Iterator[Solo]:
 
     yield run
     assert_all_blocks_released(engine)
-
-
-def assert_same_logprobs(got: Sequence[TokenLogprob], want: Sequence[TokenLogprob]) -> None:
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert g.token_id == w.token_id, i
-        assert abs(g.logprob - w.logprob) <= LOGPROB_TOL, i
-        assert [t for t, _ in g.top] == [t for t, _ in w.top], i
-        for (_, gv), (_, wv) in zip(g.top, w.top, strict=True):
-            assert abs(gv - wv) <= LOGPROB_TOL, i
 
 
 def assert_same_as_alone(

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import random
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,6 +20,7 @@ from engine_fixtures import (  # noqa: F401 - fixtures
     EngineFactory,
     Job,
     add_job,
+    assert_same_logprobs,
     collect,
     engine_config,
     generate_alone,
@@ -27,11 +28,10 @@ from engine_fixtures import (  # noqa: F401 - fixtures
     tiny_fixture,
 )
 from memserve.engine.llm_engine import LLMEngine
-from memserve.engine.types import SamplingParams, TokenLogprob
+from memserve.engine.types import SamplingParams
 from memserve.mempool.pool import Tier
 from memserve.model.loader import LoadedModel
 
-LOGPROB_TOL = 1e-4
 BS = 8
 GREEDY = SamplingParams(temperature=0, logprobs=5, ignore_eos=True, max_tokens=6)
 
@@ -50,16 +50,6 @@ def cold_fixture(tiny: LoadedModel) -> Iterator[LLMEngine]:
     yield engine
     engine.check_integrity()
     assert engine.allocator.num_used == 0  # caching off: nothing is kept
-
-
-def assert_same_logprobs(got: Sequence[TokenLogprob], want: Sequence[TokenLogprob]) -> None:
-    assert len(got) == len(want)
-    for i, (g, w) in enumerate(zip(got, want, strict=True)):
-        assert g.token_id == w.token_id, i
-        assert abs(g.logprob - w.logprob) <= LOGPROB_TOL, i
-        assert [t for t, _ in g.top] == [t for t, _ in w.top], i
-        for (_, gv), (_, wv) in zip(g.top, w.top, strict=True):
-            assert abs(gv - wv) <= LOGPROB_TOL, i
 
 
 def assert_same_as_cold(got: Collected, cold: LLMEngine, job: Job) -> None:
