@@ -27,3 +27,60 @@ def test_engine_throughput_runs(tmp_path: Path) -> None:
         assert r["hf_tok_s"] > 0 and r["ours_tok_s"] > 0
         assert r["ratio"] == r["ours_tok_s"] / r["hf_tok_s"]
     assert rows[0]["greedy_agreement"] == 1.0  # float32: same weights, same greedy tokens
+
+
+def _run_quick(script: str, json_path: Path, *extra: str) -> str:
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / script), "--quick", "--json", str(json_path), *extra],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def test_mempool_micro_runs(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    stdout = _run_quick("mempool_micro.py", out)
+    rows = json.loads(out.read_text())
+    calls = {(r["call"], r["layout"], r["batch"]) for r in rows["memory"]}
+    for call in (
+        "alloc_mem + free_mem",
+        "share_mem",
+        "swap_out",
+        "swap_in",
+        "plain copy (ceiling)",
+    ):
+        for layout in ("dummy:small float32", "index-only float32"):
+            assert {(call, layout, 1), (call, layout, 16)} <= calls
+    assert all(r["us_per_block"] > 0 for r in rows["memory"])
+    assert [r["cached_percent"] for r in rows["index"]] == [0, 25, 50, 75, 100]
+    assert all(r["match_ms"] > 0 and r["insert_ms"] > 0 for r in rows["index"])
+    assert stdout.count("index  | cached") == 5
+
+
+def write_trace(path: Path) -> None:
+    """Eight requests in the Mooncake trace format: two conversations of four turns, each turn's
+    hash ids extending the previous turn's (so later turns share their history's blocks)."""
+    rows = []
+    for turn in range(4):
+        for conv in range(2):
+            hash_ids = [100 * conv + i for i in range(2 + 2 * turn)]
+            rows.append({
+                "timestamp": 1000 * (2 * turn + conv), "input_length": 512 * len(hash_ids) - 100,
+                "output_length": 64, "hash_ids": hash_ids,
+            })  # fmt: skip
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def test_multiturn_replay_runs(tmp_path: Path) -> None:
+    out, trace = tmp_path / "replay.json", tmp_path / "trace.jsonl"
+    write_trace(trace)  # CI has the repository only, not ../shared/traces
+    stdout = _run_quick("multiturn_replay.py", out, "--trace", str(trace))
+    assert "run | caching on" in stdout and "run | caching off" in stdout and "ratio |" in stdout
+    on, off = json.loads(out.read_text())["summaries"]
+    assert (on["label"], off["label"]) == ("caching on", "caching off")
+    for s in (on, off):
+        assert s["num_requests"] == 8 and s["num_ok"] == 8  # every request completed, exact length
+        assert 0 < s["ttft_mean_s"] <= s["jct_mean_s"]
+    assert on["hit_rate_metrics"] > 0 and on["hit_rate_usage"] > 0  # the trace's prompts share
+    assert off["hit_rate_metrics"] == 0 and off["hit_rate_usage"] == 0

@@ -259,6 +259,43 @@ def test_a_100k_token_prompt_on_a_deep_path_needs_no_recursion() -> None:
     tree.check_integrity()
 
 
+def test_reclaim_takes_the_coldest_without_walking_the_tree(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``evict`` and ``select_swap_out`` find their candidates in the LRU heaps: with the tree walk
+    disabled they still take exactly the coldest prompts, in order."""
+    tree = RadixTree(block_size=2)
+    for i in range(300):  # prompt i: [i i | i i], blocks 2i, 2i + 1; older = smaller i
+        tree.insert([i] * 4, dev(2 * i, 2 * i + 1))
+    tree.match([5] * 4)  # prompt 5 is now the most recent
+    monkeypatch.setattr(tree, "_nodes", lambda: pytest.fail("walked the tree"))
+    picked = tree.select_swap_out(3)  # prompt 0 whole, then prompt 1's tail
+    assert [n.blocks for n in picked] == [tuple(dev(0, 1)), tuple(dev(3))]
+    for node in picked:
+        tree.set_tier(node, [BlockRef(DRAM, b.block_id) for b in node.blocks])
+    # Prompt 1's head is shielded by its DRAM tail: prompts 2 and 3 go, each tail first.
+    assert tree.evict(4, DEVICE) == dev(5, 4, 7, 6)
+    assert tree.evict(3, DRAM) == dram(1, 0, 3)  # prompt 0, then prompt 1's tail ...
+    assert tree.evict(1) == dev(2)  # ... which exposed its head, the oldest leaf now
+    monkeypatch.undo()
+    assert [path_tokens(n)[0] for n in tree.evictable_leaves()][:2] == [4, 6]  # 5 stays warmest
+    assert path_tokens(tree.evictable_leaves()[-1]) == [5] * 4
+    tree.check_integrity()
+
+
+def test_lru_heaps_stay_bounded_under_repeated_matches() -> None:
+    """Every match refiles the nodes it stamps; compaction keeps the heaps O(live candidates)."""
+    tree = RadixTree(block_size=2)
+    for i in range(50):
+        tree.insert([i, i, 1000 + i, 1000 + i], dev(2 * i, 2 * i + 1))
+    for k in range(20_000):
+        tree.match([k % 50] * 2)
+    sizes = [len(h) for h in tree._leaf_heaps.values()] + [len(tree._swap_heap)]
+    assert max(sizes) <= 2 * 256 + 1  # MIN_COMPACT_SIZE, doubled at most before compaction
+    assert len(tree.evict(10**6)) == 100
+    tree.check_integrity()
+
+
 # -- stateful model check ------------------------------------------------------------------------
 
 BS = 2

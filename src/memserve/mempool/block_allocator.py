@@ -10,6 +10,9 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Iterable
+from typing import Any
+
+import numpy as np
 
 
 class NoFreeBlocksError(RuntimeError):
@@ -36,34 +39,45 @@ class BlockAllocator:
         return self._refcount[block_id]
 
     def allocate(self, num_blocks: int) -> list[int]:
-        if num_blocks > len(self._free):
-            raise NoFreeBlocksError(f"need {num_blocks} blocks, {len(self._free)} free")
-        block_ids = [self._free.popleft() for _ in range(num_blocks)]
+        free, refcount = self._free, self._refcount
+        if num_blocks > len(free):
+            raise NoFreeBlocksError(f"need {num_blocks} blocks, {len(free)} free")
+        block_ids = [free.popleft() for _ in range(num_blocks)]
         for b in block_ids:
-            self._refcount[b] = 1
+            refcount[b] = 1
         return block_ids
 
     def share(self, block_ids: Iterable[int]) -> None:
+        refcount = self._refcount
         for b in block_ids:
-            if self._refcount[b] < 1:
+            if refcount[b] < 1:
                 raise ValueError(f"cannot share free block {b}")
-            self._refcount[b] += 1
+            refcount[b] += 1
 
     def free(self, block_ids: Iterable[int]) -> None:
+        free, refcount = self._free, self._refcount
         for b in block_ids:
-            if self._refcount[b] < 1:
+            count = refcount[b]
+            if count < 1:
                 raise ValueError(f"double free of block {b}")
-            self._refcount[b] -= 1
-            if self._refcount[b] == 0:
-                self._free.append(b)
+            refcount[b] = count - 1
+            if count == 1:
+                free.append(b)
+
+    def refcounts(self) -> np.ndarray[Any, np.dtype[np.int64]]:
+        """Every block's reference count, as an array (integrity checks)."""
+        return np.asarray(self._refcount, dtype=np.int64)
 
     def check_integrity(self) -> None:
-        """Raise ``AssertionError`` unless free + referenced == total and the free list is exact."""
-        free = set(self._free)
-        if len(free) != len(self._free):
+        """Raise ``AssertionError`` unless free + referenced == total and the free list is exact:
+        it holds each block with refcount 0 once, and nothing else."""
+        refcount = self.refcounts()
+        if (negative := np.flatnonzero(refcount < 0)).size:
+            b = int(negative[0])
+            raise AssertionError(f"block {b} has refcount {refcount[b]}")
+        in_free = np.bincount(np.asarray(self._free, dtype=np.int64), minlength=self.num_blocks)
+        if (in_free > 1).any():
             raise AssertionError("a block appears twice in the free list")
-        for b, count in enumerate(self._refcount):
-            if count < 0:
-                raise AssertionError(f"block {b} has refcount {count}")
-            if (count == 0) != (b in free):
-                raise AssertionError(f"block {b}: refcount {count} but free={b in free}")
+        if (bad := np.flatnonzero((refcount == 0) != (in_free == 1))).size:
+            b = int(bad[0])
+            raise AssertionError(f"block {b}: refcount {refcount[b]} but free={bool(in_free[b])}")

@@ -21,6 +21,9 @@ Contract (single-threaded; the owner of the tree serialises all calls):
 - LRU: a counter ticks once per ``match`` / ``insert`` and stamps every node on the walked path, so
   a parent is never older than its children. ``evict`` takes the oldest unlocked leaf first and
   shortens it from its tail (the prefix part stays useful); ties break by node creation order.
+  Candidates are kept in lazy heaps (``LazyHeap``), refiled whenever a node is stamped, unlocked,
+  split, retiered or loses a child, so ``evict`` and ``select_swap_out`` cost O(log n) per node they
+  take, never a walk over the tree.
 - Handles (``NodeHandle``) are the tree's own nodes: read them, never mutate them. A handle stays
   valid when a later call splits its edge (it keeps the tail part; its new parent the head), so
   root..handle still covers the same blocks. Eviction may shorten or drop an unlocked handle, and
@@ -31,18 +34,29 @@ Contract (single-threaded; the owner of the tree serialises all calls):
 from __future__ import annotations
 
 import enum
-import heapq
-from collections.abc import Iterator, Sequence
+from collections import Counter
+from collections.abc import Collection, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
+from operator import itemgetter
+from typing import NamedTuple
+
+from memserve.tree.lazy_heap import LazyHeap
 
 
 class Tier(enum.Enum):
     DEVICE = "device"
     DRAM = "dram"
 
+    # Members are singletons compared by identity: hash them in C too (Enum's own ``__hash__`` is a
+    # Python function, and tiers key the hot dicts and every ``BlockRef`` hash).
+    __hash__ = object.__hash__
 
-@dataclass(frozen=True, slots=True)
-class BlockRef:
+
+class BlockRef(NamedTuple):
+    """One block of one tier. A named tuple, so hashing and comparing refs (sets, the tree's
+    compares of runs of blocks) stay in C."""
+
     tier: Tier
     block_id: int
 
@@ -92,6 +106,12 @@ class RadixTree:
         self._root = Node(0, None, (), (), 0)
         self._num_blocks = dict.fromkeys(Tier, 0)
         self._num_locked = dict.fromkeys(Tier, 0)
+        # Reclaim candidates, oldest first: unlocked leaves by the tier of their last block, and
+        # nodes that may move to DRAM (see ``_offer``).
+        self._leaf_heaps = {
+            tier: LazyHeap[Node](_lru_key, partial(_is_leaf_candidate, tier=tier)) for tier in Tier
+        }
+        self._swap_heap = LazyHeap[Node](_lru_key, lambda n: self._swappable(n, ()))
 
     @property
     def root(self) -> NodeHandle:
@@ -112,6 +132,7 @@ class RadixTree:
             if num_common < len(child.blocks):
                 child = self._split(child, num_common)
             child.last_access = self._clock
+            self._offer(child)
             blocks.extend(child.blocks)
             pos += num_common * bs
             node = child
@@ -140,6 +161,7 @@ class RadixTree:
             if num_common < len(child.blocks) and pos + num_common * bs < len(toks):
                 child = self._split(child, num_common)  # diverges inside the edge
             child.last_access = self._clock
+            self._offer(child)
             mine = tuple(blocks[pos // bs : pos // bs + num_common])
             cached = child.blocks[:num_common]
             if mine != cached:  # one C-level compare when the caller passes back matched refs
@@ -182,6 +204,7 @@ class RadixTree:
             n.lock_ref -= 1
             if n.lock_ref == 0:
                 self._count_locked(n, -1)
+                self._offer(n)
 
     def evict(self, num_blocks: int, tier: Tier | None = None) -> list[BlockRef]:
         """Remove up to ``num_blocks`` blocks (of ``tier`` only, if given) from unlocked leaves, oldest
@@ -190,18 +213,15 @@ class RadixTree:
         another tier shields its ancestors: only leaf tails are ever removed."""
         if num_blocks < 0:
             raise ValueError("num_blocks must be >= 0")
-        heap = [(n.last_access, n.node_id, n) for n in self._leaves() if _tail_in(n, tier)]
-        heapq.heapify(heap)
+        heaps = [self._leaf_heaps[t] for t in (Tier if tier is None else (tier,))]
         removed: list[BlockRef] = []
-        while heap and len(removed) < num_blocks:
-            leaf = heapq.heappop(heap)[2]
+        while len(removed) < num_blocks and (leaf := _pop_oldest(heaps)) is not None:
             key = leaf.token_ids[: self.block_size]  # trimming may empty the edge
             self._trim_tail(leaf, num_blocks - len(removed), tier, removed)
-            if leaf.blocks:
-                continue  # budget reached, or a block of another tier now ends the leaf
-            parent = self._detach(leaf, key)
-            if parent is not self._root and _is_evictable(parent) and _tail_in(parent, tier):
-                heapq.heappush(heap, (parent.last_access, parent.node_id, parent))
+            if leaf.blocks:  # budget reached, or a block of another tier now ends the leaf
+                self._offer(leaf)
+            else:
+                self._detach(leaf, key)  # refiles the parent, which may be a leaf now
         return removed
 
     def select_swap_out(self, num_blocks: int) -> list[NodeHandle]:
@@ -215,12 +235,12 @@ class RadixTree:
         if num_blocks < 0:
             raise ValueError("num_blocks must be >= 0")
         chosen: set[int] = set()
-        heap = [(n.last_access, n.node_id, n) for n in self._nodes() if self._swappable(n, chosen)]
-        heapq.heapify(heap)
         picked: list[Node] = []
         left = num_blocks
-        while heap and left > 0:
-            node = heapq.heappop(heap)[2]
+        while left > 0:
+            node = self._swap_heap.pop(lambda n: self._swappable(n, chosen))
+            if node is None:
+                break
             if len(node.blocks) > left:
                 self._split(node, len(node.blocks) - left)  # node keeps the tail
             picked.append(node)
@@ -228,7 +248,7 @@ class RadixTree:
             left -= len(node.blocks)
             parent = node.parent
             if parent is not None and self._swappable(parent, chosen):
-                heapq.heappush(heap, (parent.last_access, parent.node_id, parent))
+                self._swap_heap.push(parent)
         return picked
 
     def path(self, node: NodeHandle) -> list[NodeHandle]:
@@ -262,6 +282,9 @@ class RadixTree:
         node.blocks = tuple(refs)
         if node.lock_ref > 0:
             self._count_locked(node, +1)
+        self._offer(node)
+        if node.parent is not None:
+            self._offer(node.parent)
 
     def num_blocks(self, tier: Tier | None = None) -> int:
         return sum(self._num_blocks.values()) if tier is None else self._num_blocks[tier]
@@ -274,18 +297,20 @@ class RadixTree:
         root = self._root
         if root.parent is not None or root.token_ids or root.blocks:
             raise AssertionError("the root must be empty and parentless")
-        seen: set[BlockRef] = set()
-        num_locked = dict.fromkeys(Tier, 0)
+        all_refs: list[BlockRef] = []
+        locked_refs: list[BlockRef] = []
         for node in self._nodes():
             self._check_node(node)
-            for ref in node.blocks:
-                if ref in seen:
-                    raise AssertionError(f"{ref} is held twice")
-                seen.add(ref)
-                num_locked[ref.tier] += node.lock_ref > 0
-        counts = {tier: sum(ref.tier is tier for ref in seen) for tier in Tier}
-        if counts != self._num_blocks:
-            raise AssertionError(f"block counts {self._num_blocks}, tree holds {counts}")
+            all_refs.extend(node.blocks)
+            if node.lock_ref > 0:
+                locked_refs.extend(node.blocks)
+        counts = Counter(all_refs)  # one C-level pass; BlockRef hashes are C-level too
+        if len(counts) != len(all_refs):
+            raise AssertionError(f"{next(r for r, c in counts.items() if c > 1)} is held twice")
+        num_blocks = _count_tiers(all_refs)
+        if num_blocks != self._num_blocks:
+            raise AssertionError(f"block counts {self._num_blocks}, tree holds {num_blocks}")
+        num_locked = _count_tiers(locked_refs)
         if num_locked != self._num_locked:
             raise AssertionError(f"locked blocks counted {self._num_locked}, held {num_locked}")
 
@@ -295,9 +320,23 @@ class RadixTree:
         for ref in node.blocks:
             self._num_locked[ref.tier] += sign
 
-    def _swappable(self, node: Node, chosen: set[int]) -> bool:
+    def _offer(self, node: Node) -> None:
+        """File ``node`` (at its current stamp) in every heap whose candidates it may be: called
+        whenever it is stamped, unlocked, split, retiered, or loses a child. The filter is cheap and
+        errs towards filing; the heaps check the exact predicate when the node surfaces."""
+        if node.lock_ref or not node.blocks or node.parent is None:
+            return  # locked, the root, or dropped: filed again once that changes
+        tail = node.blocks[-1].tier
+        if not node.children:
+            self._leaf_heaps[tail].push(node)
+        if tail is Tier.DEVICE and all(
+            c.blocks[0].tier is Tier.DRAM for c in node.children.values()
+        ):
+            self._swap_heap.push(node)
+
+    def _swappable(self, node: Node, chosen: Collection[int]) -> bool:
         return (
-            node is not self._root
+            node.parent is not None
             and node.lock_ref == 0
             and node.node_id not in chosen
             and all(ref.tier is Tier.DEVICE for ref in node.blocks)
@@ -343,6 +382,8 @@ class RadixTree:
         node.token_ids, node.blocks = node.token_ids[cut:], node.blocks[num_blocks:]
         node.parent = head
         head.children[node.token_ids[: self.block_size]] = node
+        self._offer(head)
+        self._offer(node)
         return head
 
     def _new_node(
@@ -354,9 +395,11 @@ class RadixTree:
     def _add_leaf(
         self, parent: Node, token_ids: tuple[int, ...], blocks: tuple[BlockRef, ...]
     ) -> None:
-        parent.children[token_ids[: self.block_size]] = self._new_node(parent, token_ids, blocks)
+        leaf = self._new_node(parent, token_ids, blocks)
+        parent.children[token_ids[: self.block_size]] = leaf
         for ref in blocks:
             self._num_blocks[ref.tier] += 1
+        self._offer(leaf)
 
     def _find_last_block(self, toks: tuple[int, ...]) -> tuple[Node, int] | None:
         """The node holding the last block of ``toks`` and its index there; None if not all cached."""
@@ -395,11 +438,13 @@ class RadixTree:
         leaf.blocks, leaf.token_ids = leaf.blocks[:keep], leaf.token_ids[: keep * self.block_size]
 
     def _detach(self, node: Node, key: tuple[int, ...]) -> Node:
-        """Unlink ``node`` from its parent (``node.parent = None`` marks it dropped); returns the parent."""
+        """Unlink ``node`` from its parent (``node.parent = None`` marks it dropped) and refile the
+        parent; returns the parent."""
         parent = node.parent
         assert parent is not None
         del parent.children[key]
         node.parent = None
+        self._offer(parent)
         return parent
 
     def _remove_subtree(self, top: Node) -> list[BlockRef]:
@@ -408,6 +453,7 @@ class RadixTree:
         stack = [top]
         while stack:
             node = stack.pop()
+            node.parent = None  # dropped (the heaps skip it)
             removed.extend(node.blocks)
             for ref in node.blocks:
                 self._num_blocks[ref.tier] -= 1
@@ -447,6 +493,28 @@ class RadixTree:
 
 def _is_evictable(node: Node) -> bool:
     return not node.children and node.lock_ref == 0
+
+
+def _count_tiers(refs: Sequence[BlockRef]) -> dict[Tier, int]:
+    counts = Counter(map(itemgetter(0), refs))  # C-level: refs are tuples (tier, block_id)
+    return {tier: counts[tier] for tier in Tier}
+
+
+def _lru_key(node: Node) -> tuple[int, int]:
+    return node.last_access, node.node_id
+
+
+def _is_leaf_candidate(node: Node, tier: Tier) -> bool:
+    """An unlocked leaf still in the tree whose last block is in ``tier``."""
+    return node.parent is not None and _is_evictable(node) and _tail_in(node, tier)
+
+
+def _pop_oldest(heaps: Sequence[LazyHeap[Node]]) -> Node | None:
+    """The oldest live candidate over ``heaps`` (each leaf heap holds one tier), removed."""
+    tops = [(top[0], heap) for heap in heaps if (top := heap.peek()) is not None]
+    if not tops:
+        return None
+    return min(tops, key=lambda t: t[0])[1].pop()
 
 
 def _in(ref: BlockRef, tier: Tier | None) -> bool:
