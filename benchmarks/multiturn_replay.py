@@ -18,32 +18,34 @@ Measured at the client, streaming, with the official ``openai`` client: TTFT (se
 and JCT (send → end of stream) of every request, and the prefix hit rate, from the node's
 ``/metrics`` (window delta) and from ``usage.prompt_tokens_details.cached_tokens``.
 
-    .venv/bin/python benchmarks/multiturn_replay.py [--start 6000 --size 200 --time-scale 2] [--quick]
+    .venv/bin/python benchmarks/multiturn_replay.py [--start 6000 --size 200 --warmup 500]
+        [--time-scale 2] [--repeats 3] [--dram-run 0.25:2] [--quick]
+
+With ``--repeats N`` the configurations run in alternation N times and every figure is the median
+over the N runs (this machine's noise is ~10 % run to run).
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import math
 import os
 import random
-import signal
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 import urllib.request
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import openai
 from prometheus_client.parser import text_string_to_metric_families
+
+from memserve.bench.launch import local_node
 
 TRACE = Path(__file__).resolve().parents[2] / "shared" / "traces" / "conversation_trace.jsonl"
 TRACE_BLOCK_TOKENS = 512
@@ -135,55 +137,18 @@ def scale_requests(
     return out
 
 
+def rebase(requests: Sequence[TraceRequest]) -> list[TraceRequest]:
+    """The same requests with arrivals counted from the first one's."""
+    t0 = requests[0].arrival_s
+    return [dataclasses.replace(r, arrival_s=r.arrival_s - t0) for r in requests]
+
+
 def _int(value: object) -> int:
     assert isinstance(value, int)
     return value
 
 
 # ---- the node --------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-@contextmanager
-def node(args: Sequence[str], log_path: Path) -> Iterator[tuple[str, int]]:
-    """A ``memserve-node`` subprocess (its log in ``log_path``); yields its base URL and pid once
-    healthy, stops it with SIGINT (then SIGKILL after 30 s) on exit."""
-    port = _free_port()
-    cmd = [sys.executable, "-m", "memserve.cli", "--port", str(port), *args]
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc, log_path)
-        yield url, proc.pid
-    finally:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], log_path: Path) -> None:
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            tail = log_path.read_text(errors="replace")[-3000:]
-            raise RuntimeError(f"node exited with {proc.returncode}:\n{tail}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError("node did not become healthy in 180 s")
 
 
 def cpu_seconds(pid: int) -> float:
@@ -277,8 +242,9 @@ def run_config(
 ) -> tuple[Summary, list[Result]]:
     with (
         tempfile.TemporaryDirectory() as tmp,
-        node(node_args, Path(tmp) / "node.log") as (url, pid),
+        local_node(node_args, Path(tmp) / "node.log") as node,
     ):
+        url, pid = node.url, node.proc.pid
         if warmup:
             asyncio.run(warm_up(url, args.model, warmup, concurrency=4))
         before, cpu = scrape(url), cpu_seconds(pid)
@@ -399,6 +365,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         help="also run caching on with this smaller device cache plus a DRAM tier",
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="node torch threads")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of all configs (medians kept)")
     p.add_argument("--quick", action="store_true", help="a toy run (smoke test)")
     p.add_argument("--json", type=Path, default=None, help="also write summaries and results")
     args = p.parse_args(argv)
@@ -412,7 +379,7 @@ def main() -> None:
     args = parse_args()
     rows = read_trace(args.trace, args.start - args.warmup, args.size + args.warmup)
     scaled = scale_requests(rows, args.token_scale, args.time_scale)
-    warmup, requests = scaled[: args.warmup], scaled[args.warmup :]
+    warmup, requests = scaled[: args.warmup], rebase(scaled[args.warmup :])
     print(
         f"# window {args.start}..{args.start + args.size - 1} ({args.size} requests, warm-up "
         f"{args.warmup}) | token scale 1/{args.token_scale} | time scale x{args.time_scale} | "
@@ -430,23 +397,46 @@ def main() -> None:
         kv, dram = (float(x) for x in args.dram_run.split(":"))
         extra = ["--dram-cache-memory", str(dram)]
         configs.append((f"caching on, {kv}+{dram} GiB DRAM", node_args(args, kv, extra), warmup))
-    summaries, all_results = [], {}
-    for label, extra_args, warm in configs:
-        summary, results = run_config(label, extra_args, requests, warm, args)
-        summaries.append(summary)
-        all_results[label] = results
-        print(format_summary(summary), flush=True)
-        for r in results:
-            if r.error:
-                print(f"  failed at {r.arrival_s:.2f} s: {r.error}", flush=True)
+    runs: dict[str, list[Summary]] = {label: [] for label, _, _ in configs}
+    all_results: dict[str, list[list[Result]]] = {label: [] for label, _, _ in configs}
+    for round_ in range(args.repeats):  # configurations alternate, so drift hits them alike
+        for label, extra_args, warm in configs:
+            summary, results = run_config(label, extra_args, requests, warm, args)
+            runs[label].append(summary)
+            all_results[label].append(results)
+            print(f"[{round_ + 1}/{args.repeats}] " + format_summary(summary), flush=True)
+            for r in results:
+                if r.error:
+                    print(f"  failed at {r.arrival_s:.2f} s: {r.error}", flush=True)
+    summaries = [median_summary(runs[label]) for label, _, _ in configs]
+    if args.repeats > 1:
+        for s in summaries:
+            print(f"median of {args.repeats} | " + format_summary(s), flush=True)
     for s in summaries[:1] + summaries[2:]:
         print(format_ratio(s, summaries[1]), flush=True)
     if args.json:
         payload = {
             "summaries": [asdict(s) for s in summaries],
-            "results": {k: [asdict(r) for r in v] for k, v in all_results.items()},
+            "runs": {k: [asdict(s) for s in v] for k, v in runs.items()},
+            "results": {k: [[asdict(r) for r in rs] for rs in v] for k, v in all_results.items()},
         }
         args.json.write_text(json.dumps(payload))
+
+
+def median_summary(runs: Sequence[Summary]) -> Summary:
+    """Field by field: the median of the runs' figures (``num_ok``: the worst run's)."""
+    fields = {}
+    for f in dataclasses.fields(Summary):
+        values = [getattr(s, f.name) for s in runs]
+        if f.name == "label":
+            fields[f.name] = values[0]
+        elif f.name == "num_ok":
+            fields[f.name] = min(values)
+        elif isinstance(values[0], int):
+            fields[f.name] = int(statistics.median(values))
+        else:
+            fields[f.name] = statistics.median(values)
+    return Summary(**fields)
 
 
 if __name__ == "__main__":

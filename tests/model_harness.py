@@ -31,8 +31,8 @@ def chunk_metadata(
     slot_rows = torch.tensor(rows)
     if num_tokens == 1:
         mask = (torch.arange(len(pages) * bs) < end)[None, None, None, :]
-        return AttentionMetadata(slot_rows, 1, DecodeBatch(pages[None, :], mask), ())
-    return AttentionMetadata(slot_rows, 0, None, (PrefillSpan(0, num_tokens, end, pages),))
+        return AttentionMetadata(slot_rows, 1, (DecodeBatch(pages[None, :], mask),), ())
+    return AttentionMetadata(slot_rows, 0, (), (PrefillSpan(0, num_tokens, end, pages),))
 
 
 @torch.inference_mode()

@@ -1,7 +1,7 @@
 """``TorchAttentionBackend`` against dense attention written here, on random paged layouts.
 
-Each case packs some sequences the way the model runner does (single-token chunks first as one
-``DecodeBatch``, then one ``PrefillSpan`` per longer chunk); a sequence's query chunk follows a
+Each case packs some sequences the way the model runner does (single-token chunks first, sorted by
+context length, in ``DecodeBatch`` groups, then one ``PrefillSpan`` per longer chunk); a sequence's query chunk follows a
 cached prefix already in the cache. Block tables are drawn in shuffled order from a pool whose
 other slots hold noise, so reading a wrong page or an unmasked padding slot changes the output.
 """
@@ -10,11 +10,17 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from memserve.attention.base import AttentionMetadata, DecodeBatch, PrefillSpan
+from memserve.attention.base import (
+    AttentionMetadata,
+    PrefillSpan,
+    build_decode_batches,
+    decode_groups,
+)
 from memserve.attention.torch_backend import TorchAttentionBackend
 from memserve.mempool.kv_cache import KVCache
 
@@ -43,6 +49,7 @@ class Case:
     num_blocks: int
     seqs: tuple[Seq, ...]
     seed: int
+    min_group_keys: int  # decode grouping threshold: small values split decodes into many groups
 
 
 @st.composite
@@ -69,6 +76,7 @@ def cases(draw: st.DrawFn) -> Case:
         num_blocks=num_blocks,
         seqs=tuple(seqs),
         seed=draw(st.integers(0, 2**16)),
+        min_group_keys=draw(st.sampled_from([0, 8, 4096])),
     )
 
 
@@ -78,7 +86,9 @@ def cases(draw: st.DrawFn) -> Case:
 def packed_order(seqs: tuple[Seq, ...]) -> list[int]:
     """Indices of ``seqs`` in packing order: single-token chunks (decodes) first, then prefill
     chunks, as the model runner packs them."""
-    decodes = [i for i, s in enumerate(seqs) if s.query_len == 1]
+    decodes = sorted(
+        (i for i, s in enumerate(seqs) if s.query_len == 1), key=lambda i: seqs[i].context_len
+    )
     return decodes + [i for i, s in enumerate(seqs) if s.query_len > 1]
 
 
@@ -87,7 +97,7 @@ def slot(cache: KVCache, seq: Seq, pos: int) -> tuple[int, int]:
     return seq.block_ids[pos // cache.block_size], pos % cache.block_size
 
 
-def build_metadata(cache: KVCache, order: list[Seq]) -> AttentionMetadata:
+def build_metadata(cache: KVCache, order: list[Seq], min_keys: int) -> AttentionMetadata:
     bs, ppb = cache.block_size, cache.pages_per_block
     slot_rows: list[int] = []
     for s in order:
@@ -95,21 +105,35 @@ def build_metadata(cache: KVCache, order: list[Seq]) -> AttentionMetadata:
             block, offset = slot(cache, s, pos)
             slot_rows.append(block * ppb * bs + offset)
     decodes = [s for s in order if s.query_len == 1]
-    decode = None
-    if decodes:
-        max_blocks = max(-(-s.context_len // bs) for s in decodes)
-        pages = [
-            [b * ppb for b in s.block_ids] + [0] * (max_blocks - len(s.block_ids)) for s in decodes
-        ]
-        lens = torch.tensor([s.context_len for s in decodes])
-        mask = (torch.arange(max_blocks * bs)[None, :] < lens[:, None])[:, None, None, :]
-        decode = DecodeBatch(torch.tensor(pages), mask)
+    batches = build_decode_batches(
+        [s.block_ids for s in decodes],
+        [s.context_len for s in decodes],
+        bs,
+        ppb,
+        torch.device("cpu"),
+        min_keys,
+    )
+    assert sum(b.num_seqs for b in batches) == len(decodes)
     spans, start = [], len(decodes)
     for s in order[len(decodes) :]:
         pages_1d = torch.tensor([b * ppb for b in s.block_ids])
         spans.append(PrefillSpan(start, s.query_len, s.context_len, pages_1d))
         start += s.query_len
-    return AttentionMetadata(torch.tensor(slot_rows), len(decodes), decode, tuple(spans))
+    return AttentionMetadata(torch.tensor(slot_rows), len(decodes), batches, tuple(spans))
+
+
+def test_decode_groups_bound_the_padding() -> None:
+    assert decode_groups([]) == []
+    assert decode_groups([300] * 40) == [range(40)]
+    # One long conversation gets its own group instead of padding 40 short ones to 3900 keys.
+    assert decode_groups([300] * 40 + [3900]) == [range(40), range(40, 41)]
+    assert decode_groups([10, 10, 1000]) == [range(3)]  # 3000 padded keys: under min_keys
+    assert decode_groups([10, 10, 1000], min_keys=0) == [range(2), range(2, 3)]
+    with pytest.raises(ValueError, match="sorted"):
+        decode_groups([20, 10])
+    lens = sorted((i * 7919) % 5000 + 1 for i in range(200))
+    for g in decode_groups(lens, min_keys=0):  # padding at most doubles the keys read
+        assert len(g) * lens[g[-1]] <= 2 * sum(lens[i] for i in g)
 
 
 # ---- the dense reference -----------------------------------------------------------------------
@@ -154,7 +178,7 @@ def run_case(case: Case) -> None:
     k = torch.randn(num_tokens, *kv_shape, generator=gen)
     v = torch.randn(num_tokens, *kv_shape, generator=gen)
     expected_cache = cache.data.clone()
-    meta = build_metadata(cache, order)
+    meta = build_metadata(cache, order, case.min_group_keys)
 
     out = TorchAttentionBackend().forward(case.layer, q, k, v, cache, meta)
 
@@ -191,7 +215,7 @@ def test_decodes_of_different_lengths_with_prefills() -> None:
         Seq(prefix_len=6, query_len=5, block_ids=(8, 9, 10)),
     )
     run_case(Case(block_size=4, num_kv_heads=2, num_heads=8, head_dim=16, layer=1,
-                  num_blocks=11, seqs=seqs, seed=3))  # fmt: skip
+                  num_blocks=11, seqs=seqs, seed=3, min_group_keys=0))  # fmt: skip
 
 
 def test_layer_pages_of_a_block_are_disjoint() -> None:

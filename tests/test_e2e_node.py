@@ -4,10 +4,7 @@ from __future__ import annotations
 
 import json
 import signal
-import socket
 import subprocess
-import sys
-import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,52 +13,20 @@ import openai
 import pytest
 import torch
 
+from memserve.bench.launch import NODE_COMMAND, free_port, local_node, wait_healthy
 from memserve.config import CacheConfig, EngineConfig, ModelConfig
 from memserve.engine.offline import LLM
 from memserve.engine.types import SamplingParams
 
 MODEL = "dummy:tiny"
-NODE = [sys.executable, "-m", "memserve.cli"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-def _wait_healthy(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 60) -> None:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"node exited early with {proc.returncode}")
-        try:
-            with urllib.request.urlopen(url + "/health", timeout=1) as r:
-                if r.status == 200:
-                    return
-        except OSError:
-            time.sleep(0.2)
-    raise TimeoutError("node did not become healthy")
+NODE = list(NODE_COMMAND)
 
 
 @pytest.fixture(scope="module")
 def node() -> Iterator[tuple[str, subprocess.Popen[bytes]]]:
-    port = _free_port()
-    args = ["--role", "colocated", "--model", MODEL, "--dtype", "float32", "--port", str(port)]
-    proc = subprocess.Popen([*NODE, *args, "--num-kv-blocks", "512", "--num-threads", "1"])
-    url = f"http://127.0.0.1:{port}"
-    try:
-        _wait_healthy(url, proc)
-        yield url, proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGINT)
-            try:
-                proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    args = ["--role", "colocated", "--model", MODEL, "--dtype", "float32"]
+    with local_node([*args, "--num-kv-blocks", "512", "--num-threads", "1"], None, 60, 20) as n:
+        yield n.url, n.proc
 
 
 @pytest.fixture(scope="module")
@@ -197,13 +162,13 @@ def test_bad_requests_get_openai_errors(client: openai.OpenAI) -> None:
 
 @pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
 def test_node_stops_cleanly_on_signal(sig: signal.Signals) -> None:
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen(
         [*NODE, "--model", MODEL, "--port", str(port), "--num-threads", "1"],
         stderr=subprocess.PIPE,
     )
     try:
-        _wait_healthy(f"http://127.0.0.1:{port}", proc)
+        wait_healthy(f"http://127.0.0.1:{port}", proc, 60)
     finally:
         proc.send_signal(sig)
         _, err = proc.communicate(timeout=20)

@@ -37,9 +37,11 @@ class TorchAttentionBackend(AttentionBackend):
         out = torch.empty_like(q)  # [N, Hq, D]
         page_offset = cache.layer_k_page_offset(layer)
         dt = self.compute_dtype or q.dtype
-        if meta.decode is not None:
-            n = meta.num_decodes
-            out[:n] = _decode(q[:n].to(dt), cache, meta.decode, page_offset)
+        start = 0
+        for batch in meta.decodes:
+            sl = slice(start, start + batch.num_seqs)
+            out[sl] = _decode(q[sl].to(dt), cache, batch, page_offset)
+            start += batch.num_seqs
         for span in meta.prefills:
             sl = slice(span.query_start, span.query_start + span.query_len)
             out[sl] = _prefill(q[sl].to(dt), k[sl].to(dt), v[sl].to(dt), cache, span, page_offset)

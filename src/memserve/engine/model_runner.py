@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from memserve.attention.base import AttentionMetadata, DecodeBatch, PrefillSpan
+from memserve.attention.base import AttentionMetadata, PrefillSpan, build_decode_batches
 from memserve.engine.sampler import Sampler, SampleRow
 from memserve.engine.scheduler import ScheduledChunk, SchedulerOutput
 from memserve.engine.types import TokenLogprob
@@ -67,7 +67,7 @@ class ModelRunner:
         return SampleRow(r.params, r.generator, banned)
 
     def _prepare(self, chunks: Sequence[ScheduledChunk]) -> _Batch:
-        decodes = [c for c in chunks if c.num_tokens == 1]
+        decodes = sorted((c for c in chunks if c.num_tokens == 1), key=lambda c: c.start)
         prefills = [c for c in chunks if c.num_tokens > 1]
         bs = self.cache.block_size
         per_block = self.cache.pages_per_block * bs  # rows per block
@@ -88,7 +88,13 @@ class ModelRunner:
         meta = AttentionMetadata(
             slot_rows=self._tensor(slot_rows),
             num_decodes=len(decodes),
-            decode=self._decode_batch(decodes) if decodes else None,
+            decodes=build_decode_batches(
+                [c.request.block_ids for c in decodes],
+                [c.start + 1 for c in decodes],
+                bs,
+                self.cache.pages_per_block,
+                self.device,
+            ),
             prefills=self._prefill_spans(prefills, start=len(decodes)),
         )
         return _Batch(
@@ -98,18 +104,6 @@ class ModelRunner:
             self._tensor(logits_indices),
             tuple(sampled),
         )
-
-    def _decode_batch(self, decodes: Sequence[ScheduledChunk]) -> DecodeBatch:
-        bs = self.cache.block_size
-        ppb = self.cache.pages_per_block
-        context_lens = [c.start + 1 for c in decodes]
-        max_blocks = -(-max(context_lens) // bs)
-        tables = [c.request.block_ids[:max_blocks] for c in decodes]
-        page_ids = [[b * ppb for b in t] + [0] * (max_blocks - len(t)) for t in tables]
-        lens = self._tensor(context_lens)
-        key_pos = torch.arange(max_blocks * bs, device=self.device)
-        mask = (key_pos[None, :] < lens[:, None])[:, None, None, :]  # [B, 1, 1, T]
-        return DecodeBatch(page_ids=self._tensor(page_ids), mask=mask)
 
     def _prefill_spans(
         self, prefills: Sequence[ScheduledChunk], start: int
