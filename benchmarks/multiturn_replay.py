@@ -333,7 +333,7 @@ def format_ratio(on: Summary, off: Summary) -> str:
     return (
         f"ratio | {on.label} / {off.label} | TTFT mean {on.ttft_mean_s / off.ttft_mean_s:5.3f} "
         f"p99 {on.ttft_p99_s / off.ttft_p99_s:5.3f} | JCT mean {on.jct_mean_s / off.jct_mean_s:5.3f} "
-        f"p99 {on.jct_p99_s / off.jct_p99_s:5.3f} | mean TTFT {reduction:+.1%} lower "
+        f"p99 {on.jct_p99_s / off.jct_p99_s:5.3f} | mean TTFT {reduction:.1%} lower "
         f"(target >= {TARGET_TTFT_REDUCTION:.0%}: {verdict})"
     )
 
@@ -342,7 +342,7 @@ def node_args(args: argparse.Namespace, kv_gib: float, extra: Sequence[str]) -> 
     return [
         "--role", "colocated", "--model", args.model, "--dtype", "float32",
         "--kv-cache-memory", str(kv_gib), "--num-threads", str(args.threads),
-        "--log-level", "warning", *extra,
+        "--log-level", "warning", *args.node_args.split(), *extra,
     ]  # fmt: skip
 
 
@@ -353,7 +353,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--trace", type=Path, default=TRACE)
     p.add_argument("--start", type=int, default=6000, help="first request of the window")
     p.add_argument("--size", type=int, default=200, help="requests in the window")
-    p.add_argument("--warmup", type=int, default=0, help="requests before the window to prefill")
+    p.add_argument("--warmup", type=int, default=500, help="requests before the window to prefill")
     p.add_argument("--token-scale", type=int, default=32, help="divide lengths by this")
     p.add_argument("--time-scale", type=float, default=2.0, help="multiply arrival gaps by this")
     p.add_argument("--model", default="dummy:small")
@@ -363,6 +363,9 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
         default=None,
         metavar="KV_GIB:DRAM_GIB",
         help="also run caching on with this smaller device cache plus a DRAM tier",
+    )
+    p.add_argument(
+        "--node-args", default="", help="more memserve-node flags for every configuration"
     )
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1, help="node torch threads")
     p.add_argument("--repeats", type=int, default=1, help="rounds of all configs (medians kept)")
@@ -383,7 +386,7 @@ def main() -> None:
     print(
         f"# window {args.start}..{args.start + args.size - 1} ({args.size} requests, warm-up "
         f"{args.warmup}) | token scale 1/{args.token_scale} | time scale x{args.time_scale} | "
-        f"{args.model} | arrivals over {requests[-1].arrival_s:.1f} s | prompt tokens mean "
+        f"{args.model} {args.node_args} | arrivals over {requests[-1].arrival_s:.1f} s | prompt tokens mean "
         f"{_mean([len(r.prompt_token_ids) for r in requests]):.0f} max "
         f"{max(len(r.prompt_token_ids) for r in requests)} | output tokens mean "
         f"{_mean([r.max_tokens for r in requests]):.1f}",
