@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections import Counter
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 
 import pytest
@@ -431,6 +431,12 @@ class MemPoolMachine(RuleBasedStateMachine):
         assert tree_state(self.pool) == before.tree
         assert self.pool.counters == before.counters
 
+    def refused(self, before: Snapshot, call: Callable[[], object]) -> None:
+        """``call`` raises ``NoFreeBlocksError`` and changes nothing."""
+        with pytest.raises(NoFreeBlocksError):
+            call()
+        self.unchanged(before)
+
     def observe(
         self,
         before: Snapshot,
@@ -480,9 +486,7 @@ class MemPoolMachine(RuleBasedStateMachine):
         before = self.snapshot()
         available = self.available(DEVICE, locked)
         if num_blocks > available:
-            with pytest.raises(NoFreeBlocksError):
-                self.pool.alloc_mem(num_blocks)
-            self.unchanged(before)
+            self.refused(before, lambda: self.pool.alloc_mem(num_blocks))
             return None
         free, dram_free = self.free(DEVICE), self.free(DRAM)
         dram_room = dram_free + self.historical(DRAM, locked)
@@ -524,9 +528,7 @@ class MemPoolMachine(RuleBasedStateMachine):
         before = self.snapshot()
         locked = self.locked_keys()
         if num_blocks > self.available(DRAM, locked):
-            with pytest.raises(NoFreeBlocksError):
-                self.pool.alloc_mem(num_blocks, DRAM)
-            self.unchanged(before)
+            self.refused(before, lambda: self.pool.alloc_mem(num_blocks, DRAM))
             return
         dram_free = self.free(DRAM)
         block_ids = self.pool.alloc_mem(num_blocks, DRAM)
@@ -624,9 +626,7 @@ class MemPoolMachine(RuleBasedStateMachine):
         in_dram = [k for k in keys if self.cached[k].tier is DRAM]
         before = self.snapshot()
         if len(in_dram) > self.available(DEVICE, locked):
-            with pytest.raises(NoFreeBlocksError):
-                self.pool.swap_in(node)
-            self.unchanged(before)
+            self.refused(before, lambda: self.pool.swap_in(node))
             return False
         free, dram_free = self.free(DEVICE), self.free(DRAM)
         dram_room = dram_free + self.historical(DRAM, locked)

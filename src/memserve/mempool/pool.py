@@ -232,13 +232,16 @@ class MemPool:
         for tier, allocator in self.allocators.items():
             allocator.check_integrity()
             ids = tree_ids[tier] + (held if tier is Tier.DEVICE else [])
+            if ids and not 0 <= min(ids) <= max(ids) < allocator.num_blocks:
+                raise AssertionError(
+                    f"a {tier.value} block id is out of range: {min(ids), max(ids)}"
+                )
             expected = np.bincount(np.asarray(ids, dtype=np.int64), minlength=allocator.num_blocks)
             actual = allocator.refcounts()
-            if len(expected) != len(actual) or (bad := np.flatnonzero(expected != actual)).size:
-                b = int(bad[0]) if len(expected) == len(actual) else allocator.num_blocks
+            if (bad := np.flatnonzero(expected != actual)).size:
+                b = int(bad[0])
                 raise AssertionError(
-                    f"{tier.value} block {b}: refcount {actual[b] if b < len(actual) else None}, "
-                    f"expected {expected[b]}"
+                    f"{tier.value} block {b}: refcount {actual[b]}, expected {expected[b]}"
                 )
 
     def _check_node_tiers(self, node: NodeHandle) -> Tier:
