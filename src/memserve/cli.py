@@ -14,15 +14,17 @@ from collections.abc import Sequence
 
 from memserve.config import (
     DTYPES,
+    PD_CACHING,
     ROLES,
     CacheConfig,
+    DisaggConfig,
     EngineConfig,
     ModelConfig,
     SchedulerConfig,
     ServerConfig,
 )
 
-_AVAILABLE_ROLES = ("colocated",)
+_AVAILABLE_ROLES = ("colocated", "prefill", "decode")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -36,8 +38,40 @@ def build_parser() -> argparse.ArgumentParser:
         "--role",
         choices=ROLES,
         default="colocated",
-        help="what this process does; prefill, decode and scheduler arrive with "
-        "disaggregation and the global scheduler",
+        help="what this process does: colocated (prefill and decode), prefill, decode (the "
+        "front door of a P/D pair until the global scheduler arrives); scheduler comes next",
+    )
+    p.add_argument(
+        "--pd-caching",
+        choices=PD_CACHING,
+        default="full",
+        help="P/D caching stage: basic (nothing kept), prefill (P keeps prompts), both (D keeps "
+        "too; only missing KV moves), full (D also sends generated KV back to P)",
+    )
+    p.add_argument(
+        "--rendezvous",
+        default=None,
+        help="host:port of the TCPStore every prefill/decode instance pairs through",
+    )
+    p.add_argument(
+        "--host-rendezvous",
+        action="store_true",
+        help="this instance hosts the rendezvous TCPStore (the first one started)",
+    )
+    p.add_argument(
+        "--instance-id", default=None, help="unique name in the cluster (default: ROLE-PORT)"
+    )
+    p.add_argument(
+        "--transfer-timeout",
+        type=float,
+        default=30.0,
+        help="seconds before a KV send/receive or control call to a peer fails",
+    )
+    p.add_argument(
+        "--peer-timeout",
+        type=float,
+        default=3.0,
+        help="seconds without a heartbeat before a peer counts as gone (its blocks are freed)",
     )
     p.add_argument(
         "--model",
@@ -132,7 +166,27 @@ def build_export_parser() -> argparse.ArgumentParser:
     return p
 
 
-def engine_config(args: argparse.Namespace) -> EngineConfig:
+def disagg_config(args: argparse.Namespace) -> DisaggConfig | None:
+    if args.role not in ("prefill", "decode"):
+        return None
+    if args.rendezvous is None:
+        raise ValueError(f"--role {args.role} needs --rendezvous HOST:PORT")
+    return DisaggConfig(
+        rendezvous=args.rendezvous,
+        instance_id=args.instance_id or f"{args.role}-{args.port}",
+        host_rendezvous=args.host_rendezvous,
+        pd_caching=args.pd_caching,
+        transfer_timeout_s=args.transfer_timeout,
+        peer_timeout_s=args.peer_timeout,
+    )
+
+
+def engine_config(args: argparse.Namespace, disagg: DisaggConfig | None = None) -> EngineConfig:
+    caching = not args.no_prefix_caching
+    if disagg is not None:  # the P/D stage decides who keeps KV
+        caching = caching and (
+            disagg.prefill_keeps if args.role == "prefill" else disagg.decode_keeps
+        )
     return EngineConfig(
         model=ModelConfig(
             model=args.model,
@@ -147,7 +201,7 @@ def engine_config(args: argparse.Namespace) -> EngineConfig:
             memory_gib=args.kv_cache_memory,
             memory_fraction=args.kv_cache_fraction,
             num_blocks=args.num_kv_blocks,
-            enable_prefix_caching=not args.no_prefix_caching,
+            enable_prefix_caching=caching,
             dram_gib=args.dram_cache_memory,
             dram_num_blocks=args.num_dram_blocks,
         ),
@@ -173,7 +227,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             f"(available: {', '.join(_AVAILABLE_ROLES)})\n",
         )
     try:
-        config = engine_config(args)
+        disagg = disagg_config(args)
+        config = engine_config(args, disagg)
         server = ServerConfig(
             host=args.host, port=args.port, log_format=args.log_format, log_level=args.log_level
         )
@@ -181,7 +236,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.exit(2, f"memserve-node: {e}\n")
     from memserve.node import run_node
 
-    return run_node(config, server, num_threads=args.num_threads)
+    return run_node(config, server, args.num_threads, args.role, disagg)
 
 
 def _export(args: argparse.Namespace) -> int:

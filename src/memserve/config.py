@@ -128,3 +128,61 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.attention_backend not in ("auto", "torch", "xformers"):
             raise ValueError(f"unknown attention backend {self.attention_backend!r}")
+
+
+PDCaching = Literal["basic", "prefill", "both", "full"]
+PD_CACHING: tuple[PDCaching, ...] = ("basic", "prefill", "both", "full")
+
+
+@dataclass(frozen=True)
+class DisaggConfig:
+    """Prefill/decode disaggregation: the paper's four stages are one workflow, configured.
+
+    ``pd_caching``: ``basic`` (PD-Basic: nothing is kept), ``prefill`` (PD-Caching-1: the prefill
+    instance keeps prompts' KV), ``both`` (PD-Caching-2: the decode instance also keeps what it
+    received and generated, and is sent only the KV it lacks), ``full`` (PD-Caching-3: the decode
+    instance also sends the generated tokens' KV back to the prefill instance at the end).
+    ``rendezvous``: ``host:port`` of the TCPStore every instance pairs through; this instance
+    hosts it when ``host_rendezvous``. ``transfer_timeout_s`` bounds every send, receive and
+    control call; a peer whose heartbeat stops for ``peer_timeout_s`` is gone.
+    """
+
+    rendezvous: str
+    instance_id: str
+    host_rendezvous: bool = False
+    pd_caching: PDCaching = "full"
+    transfer_timeout_s: float = 30.0
+    peer_timeout_s: float = 3.0
+
+    def __post_init__(self) -> None:
+        if self.pd_caching not in PD_CACHING:
+            raise ValueError(f"pd_caching must be one of {PD_CACHING}, got {self.pd_caching!r}")
+        host, _, port = self.rendezvous.rpartition(":")
+        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"rendezvous must be host:port, got {self.rendezvous!r}")
+        if not self.instance_id or any(c in self.instance_id for c in "@>/ "):
+            raise ValueError(
+                f"instance id must be non-empty without '@>/ ', got {self.instance_id!r}"
+            )
+        if self.transfer_timeout_s <= 0 or self.peer_timeout_s <= 0:
+            raise ValueError("timeouts must be > 0")
+
+    @property
+    def rendezvous_address(self) -> tuple[str, int]:
+        host, _, port = self.rendezvous.rpartition(":")
+        return host, int(port)
+
+    @property
+    def prefill_keeps(self) -> bool:
+        """The prefill instance caches prompts (prefix caching on there)."""
+        return self.pd_caching != "basic"
+
+    @property
+    def decode_keeps(self) -> bool:
+        """The decode instance caches what it received and generated; transfers are deltas."""
+        return self.pd_caching in ("both", "full")
+
+    @property
+    def send_back(self) -> bool:
+        """The decode instance sends the generated tokens' KV back to the prefill instance."""
+        return self.pd_caching == "full"

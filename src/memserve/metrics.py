@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Any
 
 import prometheus_client
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
@@ -82,6 +83,10 @@ class EngineMetrics:
         )
         self.registry.register(_SnapshotCollector(snapshot))
 
+    def add_transfer_counters(self, counters: Callable[[], Any]) -> None:
+        """Expose a ``TransferCounters`` (read at scrape time) as ``memserve_kv_transfer_*``."""
+        self.registry.register(_TransferCollector(counters))
+
     def _histogram(self, name: str, documentation: str) -> prometheus_client.Histogram:
         return prometheus_client.Histogram(
             name, documentation, registry=self.registry, buckets=LATENCY_BUCKETS_S
@@ -152,6 +157,33 @@ class _SnapshotCollector(Collector):
             "memserve_num_preemptions",
             "Requests preempted for lack of blocks.",
             snap.num_preemptions,
+        )
+
+
+class _TransferCollector(Collector):
+    """KV transfers between instances: blocks, bytes and send calls (a ``TransferCounters``)."""
+
+    def __init__(self, counters: Callable[[], Any]) -> None:
+        self._counters = counters
+
+    def collect(self) -> Iterable[Metric]:
+        c = self._counters()
+        blocks = CounterMetricFamily(
+            "memserve_kv_transfer_blocks", "KV blocks moved to or from peers.", labels=["direction"]
+        )
+        blocks.add_metric(["sent"], c.sent_blocks)
+        blocks.add_metric(["received"], c.received_blocks)
+        num_bytes = CounterMetricFamily(
+            "memserve_kv_transfer_bytes", "KV bytes moved to or from peers.", labels=["direction"]
+        )
+        num_bytes.add_metric(["sent"], c.sent_bytes)
+        num_bytes.add_metric(["received"], c.received_bytes)
+        yield from (blocks, num_bytes)
+        yield CounterMetricFamily(
+            "memserve_kv_transfer_send_calls", "Point-to-point send calls.", c.send_calls
+        )
+        yield CounterMetricFamily(
+            "memserve_kv_transfer_failures", "Transfers that failed.", c.failed
         )
 
 

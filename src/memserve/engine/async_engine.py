@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, TypeVar
 
 import structlog
 
 from memserve.engine.llm_engine import LLMEngine
-from memserve.engine.types import EngineOverloadedError, RequestOutput, SamplingParams
+from memserve.engine.types import EngineOverloadedError, Prefilled, RequestOutput, SamplingParams
 from memserve.model.tokenizer import Tokenizer
 
 log = structlog.get_logger(__name__)
 
 IDLE_CHECK_DELAY_S = 0.05
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -33,12 +36,22 @@ class _Add:
     request_id: str
     prompt_token_ids: tuple[int, ...]
     params: SamplingParams
+    keep_kv: bool = False
+    prefilled: Prefilled | None = None
+
+
+@dataclass(frozen=True)
+class _Call:
+    """Run ``fn(engine)`` between steps and complete ``future`` with its result."""
+
+    fn: Callable[[LLMEngine], Any]
+    future: asyncio.Future[Any]
 
 
 class AsyncEngine:
     def __init__(self, engine: LLMEngine) -> None:
         self.engine = engine
-        self._pending: list[_Add | str] = []  # adds, and request ids to abort
+        self._pending: list[_Add | _Call | str] = []  # adds, calls, and request ids to abort
         self._queues: dict[str, asyncio.Queue[RequestOutput]] = {}
         self._wakeup = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -69,9 +82,41 @@ class AsyncEngine:
     def num_waiting(self) -> int:
         return self.engine.num_waiting + sum(isinstance(p, _Add) for p in self._pending)
 
-    async def generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    def generate(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        keep_kv: bool = False,
     ) -> AsyncIterator[RequestOutput]:
+        """``EngineClient.generate``; ``keep_kv``: see ``LLMEngine.add_request``."""
+        return self._stream(_Add(request_id, tuple(prompt_token_ids), params, keep_kv))
+
+    def generate_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        prefilled: Prefilled,
+    ) -> AsyncIterator[RequestOutput]:
+        """Decode a request whose prompt KV arrived in a hold (``LLMEngine.add_prefilled``).
+        The hold is the engine's from the moment this is called: if the stream is closed before
+        the request starts, the hold is released."""
+        item = _Add(request_id, tuple(prompt_token_ids), params, prefilled.keep_kv, prefilled)
+        return self._stream(item)
+
+    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
+        """Run ``fn(engine)`` in the event loop between two steps (the engine's one owner), so
+        it may use the pool and the tree; returns its result or raises its exception."""
+        if not self.is_healthy():
+            raise EngineOverloadedError("engine is not running")
+        future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
+        self._submit(_Call(fn, future))
+        return await future
+
+    async def _stream(self, item: _Add) -> AsyncIterator[RequestOutput]:
+        request_id, params = item.request_id, item.params
+        prompt_token_ids = item.prompt_token_ids
         self.engine.validate(prompt_token_ids, params)
         if not self.is_healthy():
             raise EngineOverloadedError("engine is not running")
@@ -81,7 +126,7 @@ class AsyncEngine:
             raise ValueError(f"duplicate request id {request_id!r}")
         queue: asyncio.Queue[RequestOutput] = asyncio.Queue()
         self._queues[request_id] = queue
-        self._submit(_Add(request_id, tuple(prompt_token_ids), params))
+        self._submit(item)
         finished = False
         try:
             while not finished:
@@ -131,7 +176,7 @@ class AsyncEngine:
         self._idle.set()
         await self._wakeup.wait()
 
-    def _submit(self, item: _Add | str) -> None:
+    def _submit(self, item: _Add | _Call | str) -> None:
         self._pending.append(item)
         self._wakeup.set()
 
@@ -160,14 +205,35 @@ class AsyncEngine:
         for item in pending:
             if isinstance(item, str):
                 self._abort_now(item)
+            elif isinstance(item, _Call):
+                self._call_now(item)
             else:
                 self._add_now(item)
 
-    def _add_now(self, item: _Add) -> None:
-        if item.request_id not in self._queues:  # aborted before it was added
+    def _call_now(self, item: _Call) -> None:
+        if item.future.cancelled():
             return
         try:
-            self.engine.add_request(item.request_id, item.prompt_token_ids, item.params)
+            item.future.set_result(item.fn(self.engine))
+        except Exception as e:  # the caller's to handle (e.g. no room for a transfer)
+            item.future.set_exception(e)
+
+    def _add_now(self, item: _Add) -> None:
+        engine = self.engine
+        if item.request_id not in self._queues:  # aborted before it was added
+            if item.prefilled is not None:
+                engine.pool.release(item.prefilled.hold_key)
+            return
+        try:
+            if item.prefilled is None:
+                engine.add_request(
+                    item.request_id, item.prompt_token_ids, item.params, item.keep_kv
+                )
+            else:
+                out = engine.add_prefilled(
+                    item.request_id, item.prompt_token_ids, item.params, item.prefilled
+                )
+                self._dispatch([out])
         except Exception as e:  # validated already; anything here is a bug, reported to the caller
             log.exception("add_request failed", request_id=item.request_id)
             self._fail(item.request_id, str(e))

@@ -21,7 +21,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from memserve.engine.request import Request
-from memserve.mempool.pool import MemPool, Tier
+from memserve.mempool.pool import Hold, MemPool, Tier
+
+
+def hand_off_key(request_id: str) -> str:
+    """The in-flight key of a finished ``keep_kv`` request's blocks."""
+    return f"out/{request_id}"
 
 
 @dataclass
@@ -110,6 +115,18 @@ class KVCacheManager:
             pool.unlock(request.prefix_node)
         request.prefix_node = hit.node
         request.num_published_blocks = num_full
+
+    def hand_off(self, request: Request) -> None:
+        """Publish what the request computed, then pass its blocks and lock to a transfer: an
+        in-flight ``Hold`` under ``hand_off_key(request_id)`` covering its computed tokens. The
+        transfer's owner must ``MemPool.release`` it."""
+        self.publish(request)
+        tokens = tuple(request.token_ids[: request.num_computed_tokens])
+        hold = Hold(request.block_ids, Tier.DEVICE, request.prefix_node, tokens)
+        self.pool.hold(hand_off_key(request.request_id), hold)
+        request.block_ids = []
+        request.prefix_node = None
+        request.num_published_blocks = 0
 
     def release(self, request: Request) -> None:
         """Publish what the request computed, then drop its blocks and lock."""

@@ -21,7 +21,13 @@ from memserve.engine.model_runner import ModelRunner, RunnerOutput
 from memserve.engine.request import Request
 from memserve.engine.sampler import Sampler
 from memserve.engine.scheduler import Scheduler, SchedulerOutput
-from memserve.engine.types import RequestError, RequestOutput, SamplingParams, TokenLogprob
+from memserve.engine.types import (
+    Prefilled,
+    RequestError,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
 from memserve.hardware import keep_freed_memory
 from memserve.mempool.block_allocator import BlockAllocator
 from memserve.mempool.kv_cache import KVCache
@@ -160,8 +166,50 @@ class LLMEngine:
             )
 
     def add_request(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        keep_kv: bool = False,
     ) -> None:
+        """Queue a request. ``keep_kv``: when it completes, its blocks go to an in-flight hold
+        (``hand_off_key(request_id)``) for a transfer instead of being freed."""
+        request = self._new_request(request_id, prompt_token_ids, params)
+        request.keep_kv = keep_kv
+        self.scheduler.add(request)
+
+    def add_prefilled(
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        kv: Prefilled,
+    ) -> RequestOutput:
+        """Start decoding a request prefilled elsewhere: its prompt's KV is in the in-flight hold
+        ``kv.hold_key`` (from ``MemPool.reserve``, filled by a transfer), whose first
+        ``kv.num_cached_blocks`` blocks are cached here. The request takes the hold's blocks and
+        lock, publishes the prompt (so the next turn finds it here), and appends the prefill's
+        first token exactly as if it had sampled it. Returns that first output."""
+        request = self._new_request(request_id, prompt_token_ids, params)
+        hold = self.pool.take(kv.hold_key)
+        request.block_ids = hold.block_ids
+        request.prefix_node = hold.node
+        request.num_published_blocks = kv.num_cached_blocks
+        request.num_computed_tokens = request.num_prompt_tokens
+        request.num_cached_tokens = kv.num_cached_tokens
+        request.keep_kv = kv.keep_kv
+        request.arrival_time = kv.arrival_time
+        if request.generator is not None and kv.generator_state is not None:
+            request.generator.set_state(
+                torch.frombuffer(bytearray(kv.generator_state), dtype=torch.uint8)
+            )
+        self.kv.publish(request)
+        self.scheduler.add_running(request)
+        return self._append_token(request, kv.first_token, kv.first_logprob)
+
+    def _new_request(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> Request:
         self.validate(prompt_token_ids, params)
         if request_id in self._requests:
             raise RequestError(f"duplicate request id {request_id!r}")
@@ -174,7 +222,7 @@ class LLMEngine:
         )
         request = Request(request_id, list(prompt_token_ids), params, detok, self.eos_token_ids)
         self._requests[request_id] = request
-        self.scheduler.add(request)
+        return request
 
     def abort_request(self, request_id: str) -> None:
         """Finish the request now (if it is still known); its final output comes from ``step``."""
@@ -274,7 +322,15 @@ class LLMEngine:
             num_cached_tokens=request.num_cached_tokens,
             num_cached_tokens_dram=request.num_cached_tokens_dram,
             num_output_tokens=request.num_output_tokens,
+            sampler_state=self._sampler_state(request) if finished else None,
         )
+
+    @staticmethod
+    def _sampler_state(request: Request) -> bytes | None:
+        """A seeded ``keep_kv`` request's generator state, so its sampling continues elsewhere."""
+        if not request.keep_kv or request.generator is None:
+            return None
+        return request.generator.get_state().numpy().tobytes()
 
     def _abort_output(self, request: Request) -> RequestOutput:
         return self._output(request, request.detokenizer.take_new_text(True), True)
@@ -286,11 +342,14 @@ class LLMEngine:
         requests = [*self.scheduler.running, *self.scheduler.waiting]
         self.pool.check_integrity(held=[b for r in requests for b in r.block_ids])
         locks = sum(r.prefix_node is not None for r in requests)
+        locks += sum(h.node is not None for h in self.pool.holds.values())
         tree = self.pool.tree
         ends = tree.root.lock_ref - sum(c.lock_ref for c in tree.root.children.values())
         ends += sum(n.lock_ref - sum(c.lock_ref for c in n.children.values()) for n in tree.nodes())
         if ends != locks:
-            raise AssertionError(f"{ends} locks in the prompt tree, {locks} held by requests")
+            raise AssertionError(
+                f"{ends} locks in the prompt tree, {locks} held by requests and transfers"
+            )
 
     def snapshot(self) -> EngineSnapshot:
         """Gauges and counters for ``/metrics``; plain ints, cheap enough for every scrape."""

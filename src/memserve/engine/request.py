@@ -58,6 +58,9 @@ class Request:
         self.num_emitted_tokens = 0
         self.pending_logprobs: list[TokenLogprob] = []
         self.num_preemptions = 0
+        self.keep_kv = (
+            False  # on finish, hand the blocks to a transfer (``Hold``) instead of freeing
+        )
         self.arrival_time = time.monotonic()
         self.last_token_time: float | None = None
 

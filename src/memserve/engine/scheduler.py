@@ -133,11 +133,20 @@ class Scheduler:
             if chunk.start < request.num_prompt_tokens:
                 self.kv.publish(request)  # concurrent requests share the prompt from now on
 
+    def add_running(self, request: Request) -> None:
+        """Start a request that arrives with its prompt's KV (prefilled elsewhere)."""
+        request.status = RequestStatus.RUNNING
+        self.running.append(request)
+
     def finish(self, request: Request) -> None:
-        """Remove a finished or aborted request from the queues and free its blocks."""
+        """Remove a finished or aborted request from the queues and free its blocks, or, for a
+        ``keep_kv`` request that completed, hand them to a transfer (``KVCacheManager.hand_off``)."""
         if request in self.running:
             self.running.remove(request)
         elif request in self.waiting:
             self.waiting.remove(request)
-        self.kv.release(request)
+        if request.keep_kv and request.finish_reason in ("stop", "length"):
+            self.kv.hand_off(request)
+        else:
+            self.kv.release(request)
         request.status = RequestStatus.FINISHED

@@ -101,3 +101,26 @@ class RequestOutput:
     num_cached_tokens_dram: int = 0  # of those, tokens swapped in from host DRAM for this request
     num_output_tokens: int = 0
     error: str | None = None
+    sampler_state: bytes | None = None  # last output of a seeded keep_kv request: its generator
+
+
+@dataclass(frozen=True)
+class Prefilled:
+    """A request's prompt computed elsewhere (disaggregated prefill), ready to decode here.
+
+    ``hold_key``: the in-flight hold holding the prompt's KV (its first ``num_cached_blocks``
+    blocks were cached here, the rest arrived). ``first_token`` / ``first_logprob``: what the
+    prefill sampled. ``num_cached_tokens``: prompt tokens whose prefill was skipped *there*
+    (what ``usage`` reports). ``generator_state``: a seeded request's sampler state after the
+    first token. ``keep_kv``: hand the blocks to a transfer when done (send-back).
+    ``arrival_time``: ``time.monotonic()`` when the request arrived at this process.
+    """
+
+    hold_key: str
+    num_cached_blocks: int
+    first_token: int
+    first_logprob: TokenLogprob | None
+    num_cached_tokens: int
+    arrival_time: float
+    generator_state: bytes | None = None
+    keep_kv: bool = False

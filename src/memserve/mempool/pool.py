@@ -31,7 +31,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from operator import itemgetter
-from typing import Protocol
 
 import numpy as np
 import torch
@@ -40,21 +39,20 @@ from memserve.mempool.block_allocator import BlockAllocator, NoFreeBlocksError
 from memserve.mempool.kv_cache import KVCache
 from memserve.tree.radix import BlockRef, Match, NodeHandle, RadixTree, Tier
 
-__all__ = ["KVTransfer", "MemPool", "NoFreeBlocksError", "PoolCounters", "Tier"]
+__all__ = ["Hold", "MemPool", "NoFreeBlocksError", "PoolCounters", "Tier"]
 
 
-class KVTransfer(Protocol):
-    """The distributed MemPool calls (next layer), expressed on top of this one.
+@dataclass
+class Hold:
+    """Blocks **in flight**: owned by a transfer (being sent or received) rather than by a request
+    or the tree. The hold has one reference on each of ``block_ids`` (of ``tier``) and, when
+    ``node`` is set, one lock on it (a cached prefix it relies on). ``tokens``: the tokens whose
+    KV the blocks hold, when known (what a sender offers to insert at the peer)."""
 
-    ``transfer`` sends the KV of ``block_ids`` (device tier) to ``peer``; ``transfer_with_insert``
-    also publishes it there under ``tokens``, so the peer's later ``match`` finds it.
-    """
-
-    async def transfer(self, block_ids: Sequence[int], peer: str) -> None: ...
-
-    async def transfer_with_insert(
-        self, tokens: Sequence[int], block_ids: Sequence[int], peer: str
-    ) -> None: ...
+    block_ids: list[int]
+    tier: Tier = Tier.DEVICE
+    node: NodeHandle | None = None
+    tokens: tuple[int, ...] = ()
 
 
 @dataclass
@@ -79,6 +77,63 @@ class MemPool:
             self.allocators[Tier.DRAM] = BlockAllocator(dram.num_blocks)
         self.tree = RadixTree(self.block_size)
         self.counters = PoolCounters()
+        self.holds: dict[str, Hold] = {}  # in-flight blocks by transfer key
+
+    # ---- in flight -----------------------------------------------------------------------
+
+    def hold(self, key: str, hold: Hold) -> None:
+        """Register blocks (and a lock) that ``hold`` already owns as in flight under ``key``."""
+        if key in self.holds:
+            raise ValueError(f"transfer key {key!r} is in use")
+        self.holds[key] = hold
+
+    def take(self, key: str) -> Hold:
+        """Unregister a hold; its references and lock pass to the caller (e.g. a request)."""
+        return self.holds.pop(key)
+
+    def reserve(self, key: str, tokens: Sequence[int], use_cache: bool = True) -> int:
+        """Receiver side of a transfer: hold device blocks for the KV of ``tokens`` under ``key``.
+
+        The hold covers ``ceil(len(tokens) / block_size)`` blocks: first the whole blocks of
+        ``tokens`` already cached here (matched, locked, swapped in from DRAM; only when
+        ``use_cache``), then fresh blocks for the rest, which the sender fills. Returns how many
+        leading blocks were cached. Raises ``NoFreeBlocksError``, changing nothing, if there is
+        no room."""
+        hit = self.match(tokens if use_cache else ())
+        self.lock(hit.node)
+        num_new = -(-len(tokens) // self.block_size) - len(hit.blocks)
+        num_dram = sum(ref.tier is Tier.DRAM for ref in hit.blocks)
+        try:
+            if num_new + num_dram > self.num_available(Tier.DEVICE):
+                raise NoFreeBlocksError(f"no room to receive {num_new} blocks")
+            self.swap_in(hit.node)
+            new_ids = self.alloc_mem(num_new)
+        except NoFreeBlocksError:
+            self.unlock(hit.node)
+            raise
+        cached = [ref.block_id for n in self.tree.path(hit.node) for ref in n.blocks]
+        self.share_mem(cached)
+        self.hold(key, Hold(cached + new_ids, Tier.DEVICE, hit.node, tuple(tokens)))
+        return len(cached)
+
+    def insert_hold(self, key: str) -> int:
+        """Publish a completed receive: insert the hold's whole blocks under its tokens, then
+        release it (the tree keeps what it indexed). Returns the number of blocks indexed."""
+        hold = self.holds[key]
+        match = self.insert(hold.tokens, hold.block_ids)
+        self.release(key)
+        return len(match.blocks)
+
+    def release(self, key: str) -> bool:
+        """Drop a hold's references and lock (blocks go back to historical or free). False if
+        ``key`` is not held (released already)."""
+        hold = self.holds.pop(key, None)
+        if hold is None:
+            return False
+        self.free_mem(hold.block_ids, hold.tier)
+        if hold.node is not None:
+            self.unlock(hold.node)
+        return True
 
     @property
     def has_dram(self) -> bool:
@@ -209,7 +264,7 @@ class MemPool:
     def check_integrity(self, held: Iterable[int] = ()) -> None:
         """Raise ``AssertionError`` unless, per tier, every block's refcount equals its tree
         reference plus the requests holding it (``held``: device block ids, one entry per
-        holding), free + active + historical == total, no unlocked tree block is held, nodes are
+        holding) plus the in-flight holds, free + active + historical == total, no unlocked tree block is held, nodes are
         single-tier and DRAM is closed downward."""
         self.tree.check_integrity()
         for tier in Tier:
@@ -226,12 +281,17 @@ class MemPool:
             if tier is Tier.DEVICE and node.lock_ref == 0:
                 unlocked.extend(ids)
         held = list(held)
+        in_flight = {
+            tier: [b for h in self.holds.values() if h.tier is tier for b in h.block_ids]
+            for tier in Tier
+        }
+        held += in_flight[Tier.DEVICE]
         if both := set(held).intersection(unlocked):
             ref = BlockRef(Tier.DEVICE, min(both))
             raise AssertionError(f"{ref} is held by a request but its node is unlocked")
         for tier, allocator in self.allocators.items():
             allocator.check_integrity()
-            ids = tree_ids[tier] + (held if tier is Tier.DEVICE else [])
+            ids = tree_ids[tier] + (held if tier is Tier.DEVICE else in_flight[tier])
             if ids and not 0 <= min(ids) <= max(ids) < allocator.num_blocks:
                 raise AssertionError(
                     f"a {tier.value} block id is out of range: {min(ids), max(ids)}"

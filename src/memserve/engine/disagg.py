@@ -1,0 +1,265 @@
+"""Prefill/decode disaggregation with caching: one workflow, configured by ``DisaggConfig``.
+
+A request's life (until the global scheduler exists, the decode instance is the front door)::
+
+    client ─▶ DecodeFront.generate (decode instance D)
+      1. D reserves blocks for the prompt's KV (``DistributedMemPool.expect``): what D holds
+         already (caching ``both``/``full``) is matched and locked, the rest allocated. → Ticket
+      2. D ─ POST /internal/prefill {prompt, params, ticket} ─▶ PrefillWorker (instance P)
+      3. P prefills (reusing its own cache when ``prefill_keeps``), samples the first token, and
+         pushes exactly the ticket's blocks to D (one send); D receives them into the hold.
+      4. P answers {first token, logprob, cached tokens, sampler state}; D starts decoding with
+         the hold's blocks (``AsyncEngine.generate_prefilled``), publishing the prompt there
+         when ``decode_keeps``, and streams tokens.
+      5. ``send_back``: when the request completes, D ``transfer_with_insert``-s prompt + output
+         to P, which receives only what it lacks, so the next turn hits there too.
+
+``usage.prompt_tokens_details.cached_tokens`` is P's hit: prompt tokens whose prefill was
+skipped, not blocks D already held (those only shrink the transfer).
+
+Failures: if P fails or leaves before step 4 completes (nothing was streamed yet), D releases
+its reservation and retries on another prefill instance, then answers 503. Every in-flight
+hold has one owner that releases it on every path.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import dataclasses
+import itertools
+import time
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+import structlog
+
+from memserve.config import DisaggConfig
+from memserve.engine.async_engine import AsyncEngine
+from memserve.engine.kv_manager import hand_off_key
+from memserve.engine.types import (
+    EngineOverloadedError,
+    Prefilled,
+    RequestOutput,
+    SamplingParams,
+    TokenLogprob,
+)
+from memserve.mempool.block_allocator import NoFreeBlocksError
+from memserve.mempool.distributed import DistributedMemPool, Peer, Ticket, endpoint_from
+from memserve.mempool.pool import MemPool
+from memserve.model.tokenizer import Tokenizer
+from memserve.transport.channels import TransferError
+from memserve.transport.registry import Registry
+
+log = structlog.get_logger(__name__)
+
+MAX_PREFILL_ATTEMPTS = 2
+
+
+def params_to_json(params: SamplingParams) -> dict[str, Any]:
+    return dataclasses.asdict(params)
+
+
+def params_from_json(d: dict[str, Any]) -> SamplingParams:
+    d = dict(d)
+    d["stop"] = tuple(d.get("stop", ()))
+    d["stop_token_ids"] = tuple(d.get("stop_token_ids", ()))
+    return SamplingParams(**d)
+
+
+def _logprob_to_json(lp: TokenLogprob | None) -> list[Any] | None:
+    return None if lp is None else [lp.token_id, lp.logprob, [list(t) for t in lp.top]]
+
+
+def _logprob_from_json(v: list[Any] | None) -> TokenLogprob | None:
+    if v is None:
+        return None
+    return TokenLogprob(int(v[0]), float(v[1]), tuple((int(t), float(p)) for t, p in v[2]))
+
+
+def prefill_params(params: SamplingParams) -> SamplingParams:
+    """What the prefill instance runs: exactly one sampled token; stop rules are the decode
+    instance's job (it checks them on the first token like on every other)."""
+    return dataclasses.replace(
+        params, max_tokens=1, min_tokens=0, stop=(), stop_token_ids=(), ignore_eos=True
+    )
+
+
+class PrefillWorker:
+    """The prefill role: ``/internal/prefill`` runs the prompt and pushes its KV to the caller."""
+
+    def __init__(self, engine: AsyncEngine, dmp: DistributedMemPool) -> None:
+        self.engine = engine
+        self.dmp = dmp
+
+    async def prefill(self, body: dict[str, Any]) -> dict[str, Any]:
+        decode = Peer(endpoint_from(body["decode"]), str(body["decode"]["url"]))
+        ticket = Ticket.from_dict(body["ticket"])
+        params = params_from_json(body["params"])
+        prompt = [int(t) for t in body["prompt_token_ids"]]
+        request_id = f"{decode.endpoint.instance_id}/{body['request_id']}"
+        final: RequestOutput | None = None
+        async for out in self.engine.generate(request_id, prompt, prefill_params(params), True):
+            final = out
+        if final is None or final.finish_reason != "length" or not final.new_token_ids:
+            raise TransferError(f"prefill of {request_id} ended with {final and final.error}")
+        key = hand_off_key(request_id)
+        try:
+            hold = await self.engine.call(lambda e: e.pool.holds[key])
+            stats = await self.dmp.push(decode, ticket, hold.block_ids)
+        finally:
+            await self.engine.call(lambda e: e.pool.release(key))
+        state = final.sampler_state
+        return {
+            "first_token": final.new_token_ids[0],
+            "first_logprob": _logprob_to_json(
+                final.new_logprobs[0] if final.new_logprobs else None
+            ),
+            "num_cached_tokens": final.num_cached_tokens,
+            "sampler_state": None if state is None else base64.b64encode(state).decode(),
+            "sent_blocks": stats.num_blocks,
+            "sent_bytes": stats.num_bytes,
+        }
+
+
+class DecodeFront:
+    """The decode role's ``EngineClient``: each request is prefilled on a prefill instance."""
+
+    def __init__(
+        self,
+        engine: AsyncEngine,
+        dmp: DistributedMemPool,
+        registry: Registry,
+        config: DisaggConfig,
+        url: str,
+    ) -> None:
+        self.engine = engine
+        self.dmp = dmp
+        self.registry = registry
+        self.config = config
+        self.url = url
+        self._round_robin = itertools.count()
+        self._tasks: set[asyncio.Task[None]] = set()  # send-backs in flight (owned here)
+
+    # ---- EngineClient ---------------------------------------------------------------------
+
+    @property
+    def model_name(self) -> str:
+        return self.engine.model_name
+
+    @property
+    def max_model_len(self) -> int:
+        return self.engine.max_model_len
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        return self.engine.tokenizer
+
+    def is_healthy(self) -> bool:
+        return self.engine.is_healthy()
+
+    def render_metrics(self) -> bytes:
+        return self.engine.render_metrics()
+
+    async def generate(
+        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+    ) -> AsyncIterator[RequestOutput]:
+        self.engine.engine.validate(prompt_token_ids, params)
+        prefilled, peer = await self._prefill(request_id, list(prompt_token_ids), params)
+        stream = self.engine.generate_prefilled(request_id, prompt_token_ids, params, prefilled)
+        async for out in stream:
+            if out.finished and prefilled.keep_kv:
+                self._send_back_later(request_id, peer, out)
+            yield out
+
+    async def close(self) -> None:
+        """Wait for the send-backs still in flight (shutdown)."""
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+
+    # ---- steps ----------------------------------------------------------------------------
+
+    def _prefill_peers(self) -> list[Peer]:
+        live = self.registry.live("prefill")
+        if not live:
+            return []
+        start = next(self._round_robin) % len(live)
+        order = live[start:] + live[:start]
+        return [Peer(p.endpoint, p.url) for p in order[:MAX_PREFILL_ATTEMPTS]]
+
+    async def _prefill(
+        self, request_id: str, prompt: list[int], params: SamplingParams
+    ) -> tuple[Prefilled, Peer]:
+        """Steps 1-4 on the first prefill instance that succeeds; 503 if none does."""
+        arrival = time.monotonic()
+        errors: list[str] = []
+        for peer in self._prefill_peers():
+            try:
+                return await self._prefill_on(peer, request_id, prompt, params, arrival), peer
+            except TransferError as e:
+                log.warning("prefill failed", request_id=request_id, peer=peer.url, error=str(e))
+                errors.append(str(e))
+        reason = "; ".join(errors) or "no prefill instance is registered"
+        raise EngineOverloadedError(f"prefill unavailable: {reason}")
+
+    async def _prefill_on(
+        self, peer: Peer, request_id: str, prompt: list[int], params: SamplingParams, arrival: float
+    ) -> Prefilled:
+        key = f"req/{request_id}"
+        try:
+            ticket = await self.dmp.expect(peer.endpoint, prompt, insert=False, key=key)
+        except NoFreeBlocksError as e:
+            raise EngineOverloadedError(f"no KV room for the prompt here: {e}") from e
+        body = {
+            "request_id": request_id,
+            "prompt_token_ids": prompt,
+            "params": params_to_json(params),
+            "ticket": ticket.to_dict(),
+            "decode": {
+                "id": self.dmp.me.instance_id,
+                "inc": self.dmp.me.incarnation,
+                "url": self.url,
+            },
+        }
+        try:
+            reply = await self.dmp.post(peer, "/internal/prefill", body, timeout_s=None)
+        except BaseException:
+            await self.dmp.abandon(ticket.transfer_id, key)  # the hold is released either way
+            raise
+        state = reply.get("sampler_state")
+        return Prefilled(
+            hold_key=key,
+            num_cached_blocks=ticket.num_cached_blocks,
+            first_token=int(reply["first_token"]),
+            first_logprob=_logprob_from_json(reply.get("first_logprob")),
+            num_cached_tokens=int(reply["num_cached_tokens"]),
+            arrival_time=arrival,
+            generator_state=None if state is None else base64.b64decode(state),
+            keep_kv=self.config.send_back,
+        )
+
+    def _send_back_later(self, request_id: str, peer: Peer, out: RequestOutput) -> None:
+        if out.finish_reason not in ("stop", "length"):
+            return  # aborted or failed: the engine freed the blocks, nothing was handed off
+        task = asyncio.create_task(
+            self._send_back(request_id, peer), name=f"send-back {request_id}"
+        )
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _send_back(self, request_id: str, peer: Peer) -> None:
+        """Step 5: the whole blocks of prompt + output go to P (only what P lacks moves)."""
+        key = hand_off_key(request_id)
+        try:
+            tokens, blocks = await self.engine.call(lambda e: _whole_blocks(e.pool, key))
+            if blocks:
+                await self.dmp.transfer_with_insert(peer, tokens, blocks)
+        except (TransferError, EngineOverloadedError) as e:
+            log.warning("send-back failed", request_id=request_id, peer=peer.url, error=str(e))
+        finally:
+            await self.engine.call(lambda e: e.pool.release(key))
+
+
+def _whole_blocks(pool: MemPool, key: str) -> tuple[list[int], list[int]]:
+    hold = pool.holds[key]
+    num_blocks = len(hold.tokens) // pool.block_size
+    return list(hold.tokens[: num_blocks * pool.block_size]), hold.block_ids[:num_blocks]

@@ -1,0 +1,460 @@
+"""The distributed MemPool calls: ``transfer`` and ``transfer_with_insert`` between instances.
+
+Protocol (control messages over HTTP + orjson, data over ``transport.Channels``)::
+
+    sender                                   receiver
+    ─ POST /internal/kv/offer {tokens} ──────▶ reserve: match what it holds of tokens, lock it,
+                                               allocate the rest (an in-flight Hold)
+    ◀──────────── Ticket {transfer_id, gen, tag, num_cached_blocks, num_blocks} ─
+    ─ send blocks[num_cached : num_cached+num_blocks]  ┐ at the same time
+    ─ POST /internal/kv/commit {transfer_id} ──────────┘▶ recv into the held blocks, then insert
+    ◀──────────────────────────────── {num_blocks} or an error ─    (never before all arrived)
+
+``transfer`` (explicit destination blocks, allocated beforehand with ``alloc_remote``) is the same
+without the offer: ``/internal/kv/expect`` names the blocks. The prefill/decode workflow uses the
+same pieces: the decode side reserves locally (``expect``) and hands the ticket to the prefill
+side, which ``push``-es the blocks once its prefill is done.
+
+Ownership: blocks in flight belong to a ``Hold`` in the MemPool (counted by
+``check_integrity``). The receiver's hold is released if the data does not arrive (error,
+``timeout_s``, the sender leaving); the sender's blocks stay with whoever holds them (a request's
+hand-off hold, released by its owner once ``push`` returns, success or not). The sender never
+returns before its send has finished reading the blocks, even when cancelled.
+
+Block aggregation: a block is one contiguous span of all layers' K and V, so a transfer is one
+send call whatever the layer count: a slice of the cache when the blocks are adjacent (no copy),
+else one gather into a staging tensor. The receiver mirrors it (recv into the slice, or into
+staging + one scatter).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import time
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any, TypeVar
+
+import aiohttp
+import orjson
+import structlog
+import torch
+
+from memserve.mempool.pool import Hold, MemPool, Tier
+from memserve.transport.channels import Channels, Endpoint, TransferError
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+PoolRunner = Callable[[Callable[[MemPool], T]], Awaitable[T]]
+"""Runs a function with exclusive use of the pool (between engine steps) and returns its result."""
+
+
+@dataclass(frozen=True)
+class Peer:
+    endpoint: Endpoint
+    url: str  # its control API, http://host:port
+
+
+@dataclass(frozen=True)
+class Ticket:
+    """A receiver's answer to a handshake: send ``num_blocks`` blocks, starting at block
+    ``num_cached_blocks`` of the offer, with ``tag`` on generation ``gen`` of the channel."""
+
+    transfer_id: str
+    gen: int
+    tag: int
+    num_cached_blocks: int
+    num_blocks: int
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @staticmethod
+    def from_dict(d: dict[str, Any]) -> Ticket:
+        return Ticket(
+            str(d["transfer_id"]),
+            int(d["gen"]),
+            int(d["tag"]),
+            int(d["num_cached_blocks"]),
+            int(d["num_blocks"]),
+        )
+
+
+@dataclass(frozen=True)
+class TransferStats:
+    num_blocks: int
+    num_bytes: int
+    num_send_calls: int
+    seconds: float
+
+
+@dataclass
+class TransferCounters:
+    """Monotonic counters of this instance's transfers (for ``/metrics`` and tests)."""
+
+    sent_blocks: int = 0
+    sent_bytes: int = 0
+    send_calls: int = 0
+    received_blocks: int = 0
+    received_bytes: int = 0
+    failed: int = 0
+
+
+@dataclass
+class _Incoming:
+    src: Endpoint
+    hold_key: str
+    ticket: Ticket
+    insert: bool  # insert the hold's tokens once all data arrived (transfer_with_insert)
+    deadline: float
+    dst: list[int] | None = None  # explicit destination blocks (``transfer``), else the hold's
+    receiving: bool = False  # the commit came: ``receive`` owns the hold until it returns
+    aborted: bool = False  # abandoned while receiving: ``receive`` fails and releases
+
+
+class DistributedMemPool:
+    """This instance's side of the distributed calls. ``run`` serialises pool access with the
+    engine; ``start``/``close`` own the HTTP session and the reaper task."""
+
+    def __init__(
+        self,
+        pool: MemPool,
+        channels: Channels,
+        run: PoolRunner[Any],
+        timeout_s: float = 30.0,
+        use_cache: bool = True,
+    ) -> None:
+        self.pool = pool
+        self.channels = channels
+        self.me = channels.me
+        self._run = run
+        self.timeout_s = timeout_s
+        self.use_cache = use_cache  # match what is held here when receiving (else receive all)
+        self.counters = TransferCounters()
+        self._incoming: dict[str, _Incoming] = {}
+        self._gen: dict[str, int] = {}  # by sender endpoint key: generation of src > me
+        self._ids = itertools.count()
+        self._session: aiohttp.ClientSession | None = None
+        self._reaper: asyncio.Task[None] | None = None
+
+    async def start(self) -> None:
+        self._session = aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=None, sock_connect=self.timeout_s)
+        )
+        self._reaper = asyncio.create_task(self._reap(), name="kv-offer-reaper")
+
+    async def close(self) -> None:
+        if self._reaper is not None:
+            self._reaper.cancel()
+            await asyncio.gather(self._reaper, return_exceptions=True)
+        if self._session is not None:
+            await self._session.close()
+        for transfer_id in list(self._incoming):
+            await self._drop_incoming(transfer_id)
+        self.channels.close()
+
+    # ---- sender side ----------------------------------------------------------------------
+
+    async def transfer_with_insert(
+        self, peer: Peer, tokens: Sequence[int], block_ids: Sequence[int]
+    ) -> TransferStats:
+        """Send the KV of ``tokens`` (held in device ``block_ids``, one per started block) to
+        ``peer`` and have it inserted there; only the blocks the peer lacks move."""
+        body = {"src": _ep(self.me), "tokens": list(tokens)}
+        ticket = Ticket.from_dict(await self.post(peer, "/internal/kv/offer", body))
+        return await self.push(peer, ticket, block_ids)
+
+    async def transfer(
+        self,
+        peer: Peer,
+        src_blocks: Sequence[int],
+        hold_key: str,
+        dst_blocks: Sequence[int],
+        src_tier: Tier = Tier.DEVICE,
+        dst_tier: Tier = Tier.DEVICE,
+    ) -> TransferStats:
+        """Copy blocks to ``dst_blocks`` of ``peer``, allocated there with ``alloc_remote``
+        (which returned ``hold_key``)."""
+        if len(src_blocks) != len(dst_blocks):
+            raise ValueError("src_blocks and dst_blocks differ in length")
+        body = {
+            "src": _ep(self.me),
+            "hold": hold_key,
+            "dst_blocks": list(dst_blocks),
+            "tier": dst_tier.value,
+        }
+        ticket = Ticket.from_dict(await self.post(peer, "/internal/kv/expect", body))
+        return await self.push(peer, ticket, src_blocks, src_tier)
+
+    async def alloc_remote(
+        self, peer: Peer, num_blocks: int, tier: Tier = Tier.DEVICE
+    ) -> tuple[str, list[int]]:
+        """``alloc_mem`` on ``peer`` for this instance: (hold key, block ids). Free with
+        ``free_remote``; the peer frees them by itself if this instance leaves."""
+        body = {"src": _ep(self.me), "num_blocks": num_blocks, "tier": tier.value}
+        reply = await self.post(peer, "/internal/kv/alloc", body)
+        return str(reply["hold"]), [int(b) for b in reply["block_ids"]]
+
+    async def free_remote(self, peer: Peer, hold_key: str) -> None:
+        await self.post(peer, "/internal/kv/free", {"src": _ep(self.me), "hold": hold_key})
+
+    async def push(
+        self, peer: Peer, ticket: Ticket, block_ids: Sequence[int], tier: Tier = Tier.DEVICE
+    ) -> TransferStats:
+        """Send the ticket's share of ``block_ids`` and commit it at ``peer``. The caller keeps
+        ``block_ids`` alive until this returns (it waits for the send even when cancelled)."""
+        start = ticket.num_cached_blocks
+        blocks = list(block_ids[start : start + ticket.num_blocks])
+        if len(blocks) != ticket.num_blocks:
+            raise TransferError(f"asked for {ticket.num_blocks} blocks, have {len(blocks)}")
+        t0 = time.perf_counter()
+        commit_body = {"src": _ep(self.me), "transfer_id": ticket.transfer_id}
+        commit = asyncio.ensure_future(self.post(peer, "/internal/kv/commit", commit_body))
+        send = asyncio.ensure_future(self._send(peer, ticket, blocks, tier))
+        try:
+            done = await asyncio.shield(asyncio.gather(send, commit, return_exceptions=True))
+        except asyncio.CancelledError:
+            commit.cancel()
+            await asyncio.gather(send, return_exceptions=True)  # never leave a send reading blocks
+            raise
+        errors = [r for r in done if isinstance(r, BaseException)]
+        if errors:
+            self.counters.failed += 1
+            await self._abort_remote(peer, ticket)
+            raise TransferError(f"transfer {ticket.transfer_id} failed: {errors[0]}")
+        num_bytes = int(done[0])
+        return TransferStats(len(blocks), num_bytes, int(bool(blocks)), time.perf_counter() - t0)
+
+    async def _send(self, peer: Peer, ticket: Ticket, blocks: list[int], tier: Tier) -> int:
+        if not blocks:
+            return 0
+        data = self.pool.caches[tier].data
+        num_bytes = await self.channels.send(
+            peer.endpoint, ticket.gen, ticket.tag, lambda: _gather(data, blocks)
+        )
+        self.counters.sent_blocks += len(blocks)
+        self.counters.sent_bytes += num_bytes
+        self.counters.send_calls += 1
+        return num_bytes
+
+    async def _abort_remote(self, peer: Peer, ticket: Ticket) -> None:
+        """Best effort: tell the receiver to drop the transfer (it also times out by itself)."""
+        body = {"src": _ep(self.me), "transfer_id": ticket.transfer_id}
+        with contextlib.suppress(TransferError):
+            await self.post(peer, "/internal/kv/abort", body, timeout_s=2.0)
+
+    async def post(
+        self, peer: Peer, path: str, body: dict[str, Any], timeout_s: float | None = None
+    ) -> dict[str, Any]:
+        """POST a control message; the JSON reply, or ``TransferError``."""
+        assert self._session is not None, "start() first"
+        timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+        try:
+            async with self._session.post(
+                peer.url + path,
+                data=orjson.dumps(body),
+                timeout=timeout,
+                headers={"Content-Type": "application/json"},
+            ) as resp:
+                raw = await resp.read()
+        except (aiohttp.ClientError, TimeoutError) as e:
+            raise TransferError(f"{peer.endpoint.instance_id}{path}: {e!r}") from e
+        reply: dict[str, Any] = orjson.loads(raw) if raw else {}
+        if resp.status != 200:
+            message = reply.get("error", {}).get("message", raw[:200].decode(errors="replace"))
+            raise TransferError(f"{peer.endpoint.instance_id}{path}: {resp.status} {message}")
+        return reply
+
+    # ---- receiver side --------------------------------------------------------------------
+
+    async def expect(
+        self, src: Endpoint, tokens: Sequence[int], insert: bool, key: str | None = None
+    ) -> Ticket:
+        """Reserve blocks for the KV of ``tokens`` from ``src`` (what is cached here is reused,
+        the rest allocated) and return the ticket the sender needs. ``insert``: publish the
+        tokens once the data arrived (``transfer_with_insert``); else the hold stays under
+        ``key`` for the caller to ``MemPool.take``. Raises ``NoFreeBlocksError`` if no room."""
+        transfer_id = self._new_id()
+        key = key or f"in/{transfer_id}"
+        use_cache = self.use_cache
+        num_cached = await self._run(lambda pool: pool.reserve(key, tokens, use_cache))
+        num_blocks = -(-len(tokens) // self.pool.block_size) - num_cached
+        return self._register(src, key, transfer_id, num_cached, num_blocks, insert)
+
+    async def expect_blocks(
+        self, src: Endpoint, hold_key: str, block_ids: Sequence[int], tier: Tier
+    ) -> Ticket:
+        """Expect data for blocks ``src`` allocated here with ``alloc``: they must all be in its
+        hold ``hold_key``."""
+        hold = self.pool.holds.get(hold_key)
+        if hold is None or not hold_key.startswith(f"alloc/{src.key}/") or hold.tier is not tier:
+            raise ValueError(f"no allocation {hold_key!r} of {tier.value} blocks for this sender")
+        if not set(block_ids) <= set(hold.block_ids):
+            raise ValueError("blocks outside the allocation")
+        transfer_id = self._new_id()
+        ticket = self._register(src, hold_key, transfer_id, 0, len(block_ids), insert=False)
+        self._incoming[transfer_id].dst = list(block_ids)
+        return ticket
+
+    async def alloc(self, src: Endpoint, num_blocks: int, tier: Tier) -> tuple[str, list[int]]:
+        """``alloc_mem`` for ``src``: a hold of ``num_blocks`` fresh blocks of ``tier``."""
+        key = f"alloc/{src.key}/{self._new_id()}"
+
+        def alloc(pool: MemPool) -> list[int]:
+            ids = pool.alloc_mem(num_blocks, tier)
+            pool.hold(key, Hold(ids, tier))
+            return ids
+
+        return key, await self._run(alloc)
+
+    async def free(self, src: Endpoint, hold_key: str) -> bool:
+        if not hold_key.startswith(f"alloc/{src.key}/"):
+            raise ValueError(f"{hold_key!r} is not an allocation of this sender")
+        return bool(await self._run(lambda pool: pool.release(hold_key)))
+
+    async def receive(self, src: Endpoint, transfer_id: str) -> int:
+        """The commit: receive the ticket's blocks from ``src`` into the hold, then insert them
+        (if asked). Returns the number of blocks received; on failure releases the hold (for
+        offers) and raises ``TransferError``."""
+        incoming = self._incoming.get(transfer_id)
+        if incoming is None or incoming.src != src:
+            raise TransferError(f"unknown transfer {transfer_id!r}")
+        if incoming.receiving:
+            raise TransferError(f"transfer {transfer_id!r} is committed already")
+        incoming.receiving = True  # the channel's timeout bounds it from here
+        ticket = incoming.ticket
+        try:
+            await self._recv(incoming)
+            if incoming.aborted:
+                raise TransferError("abandoned by its owner")
+            if incoming.insert:
+                await self._run(lambda pool: pool.insert_hold(incoming.hold_key))
+        except BaseException as e:
+            self.counters.failed += 1
+            self._gen[src.key] = ticket.gen + 1  # the channel may be broken: pair afresh
+            await self._drop_incoming(transfer_id)
+            if isinstance(e, asyncio.CancelledError):
+                raise
+            raise TransferError(f"receiving {transfer_id} from {src.instance_id}: {e}") from e
+        self._incoming.pop(transfer_id, None)
+        return ticket.num_blocks
+
+    async def abort(self, src: Endpoint, transfer_id: str) -> None:
+        """The sender gave up: drop the transfer and pair afresh next time."""
+        incoming = self._incoming.get(transfer_id)
+        if incoming is not None and incoming.src == src:
+            self._gen[src.key] = incoming.ticket.gen + 1
+            await self.abandon(transfer_id, incoming.hold_key)
+
+    async def abandon(self, transfer_id: str, hold_key: str) -> None:
+        """The hold's owner gives up on a transfer into it, at any point: before the commit
+        the hold is released now; during the receive, ``receive`` fails and releases it; after
+        a completed receive (hold kept for the owner) it is released now."""
+        incoming = self._incoming.get(transfer_id)
+        if incoming is not None and incoming.receiving:
+            incoming.aborted = True
+        elif incoming is not None:
+            await self._drop_incoming(transfer_id)
+        elif not hold_key.startswith("alloc/"):
+            await self._run(lambda pool: pool.release(hold_key))
+
+    async def forget(self, peer: Endpoint) -> None:
+        """``peer`` left: release every hold kept for it and drop its channels."""
+        for transfer_id, incoming in list(self._incoming.items()):
+            if incoming.src == peer:
+                await self.abandon(transfer_id, incoming.hold_key)
+        prefix = f"alloc/{peer.key}/"
+        await self._run(
+            lambda pool: [pool.release(k) for k in list(pool.holds) if k.startswith(prefix)]
+        )
+        self._gen.pop(peer.key, None)
+        self.channels.drop(peer)
+
+    def _register(
+        self,
+        src: Endpoint,
+        key: str,
+        transfer_id: str,
+        num_cached: int,
+        num_blocks: int,
+        insert: bool,
+    ) -> Ticket:
+        gen = self._gen.setdefault(src.key, 0)
+        ticket = Ticket(transfer_id, gen, next(self._ids) & 0x7FFFFFFF, num_cached, num_blocks)
+        deadline = time.monotonic() + self.timeout_s
+        self._incoming[transfer_id] = _Incoming(src, key, ticket, insert, deadline)
+        return ticket
+
+    async def _recv(self, incoming: _Incoming) -> None:
+        ticket = incoming.ticket
+        if ticket.num_blocks == 0:
+            return
+        hold = self.pool.holds[incoming.hold_key]
+        dst = incoming.dst or hold.block_ids[ticket.num_cached_blocks :]
+        data = self.pool.caches[hold.tier].data
+        staging = _recv_buffer(data, dst)
+        await self.channels.recv(
+            incoming.src, ticket.gen, ticket.tag, staging, lambda out: _scatter(data, dst, out)
+        )
+        self.counters.received_blocks += len(dst)
+        self.counters.received_bytes += staging.numel() * staging.element_size()
+
+    async def _drop_incoming(self, transfer_id: str) -> None:
+        incoming = self._incoming.pop(transfer_id, None)
+        if incoming is not None and not incoming.hold_key.startswith("alloc/"):
+            key = incoming.hold_key
+            await self._run(lambda pool: pool.release(key))
+
+    async def _reap(self) -> None:
+        """Release offers whose commit never came (the sender died between the two calls)."""
+        while True:
+            await asyncio.sleep(1.0)
+            now = time.monotonic()
+            for transfer_id, incoming in list(self._incoming.items()):
+                if incoming.deadline < now and not incoming.receiving:
+                    log.warning(
+                        "transfer expired", transfer_id=transfer_id, src=incoming.src.instance_id
+                    )
+                    await self._drop_incoming(transfer_id)
+
+    def _new_id(self) -> str:
+        return f"{self.me.instance_id}:{next(self._ids)}"
+
+
+def _ep(endpoint: Endpoint) -> dict[str, str]:
+    return {"id": endpoint.instance_id, "inc": endpoint.incarnation}
+
+
+def endpoint_from(d: dict[str, Any]) -> Endpoint:
+    return Endpoint(str(d["id"]), str(d["inc"]))
+
+
+def _run_of(block_ids: Sequence[int]) -> int | None:
+    """The first id if ``block_ids`` are adjacent and ascending (one slice), else None."""
+    first = block_ids[0]
+    return first if list(block_ids) == list(range(first, first + len(block_ids))) else None
+
+
+def _gather(data: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+    """The blocks as one contiguous tensor: a view when adjacent, else one gather."""
+    first = _run_of(block_ids)
+    if first is not None:
+        return data[first : first + len(block_ids)]
+    index = torch.tensor(block_ids, dtype=torch.long, device=data.device)
+    return data.index_select(0, index)
+
+
+def _recv_buffer(data: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
+    first = _run_of(block_ids)
+    if first is not None:
+        return data[first : first + len(block_ids)]
+    return torch.empty((len(block_ids), *data.shape[1:]), dtype=data.dtype, device=data.device)
+
+
+def _scatter(data: torch.Tensor, block_ids: list[int], out: torch.Tensor) -> None:
+    if _run_of(block_ids) is None:
+        index = torch.tensor(block_ids, dtype=torch.long, device=data.device)
+        data.index_copy_(0, index, out)

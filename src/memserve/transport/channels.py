@@ -1,0 +1,204 @@
+"""Directional point-to-point channels between instances, made on demand.
+
+A channel carries KV from ``src`` to ``dst``: a two-rank process group (rank 0 = ``src``) built on
+a ``PrefixStore`` of the shared rendezvous ``TCPStore`` under the key::
+
+    kv/{src.instance_id}@{src.incarnation}>{dst.instance_id}@{dst.incarnation}/{gen}
+
+so no fixed world is needed: any two instances pair whenever both ask, late joiners included, and
+a restarted instance (new incarnation) or a broken channel (next ``gen``) pairs afresh. Gloo for
+CPU tensors, NCCL for CUDA tensors (same construction).
+
+Who decides what: the **receiver** owns a channel's generation and the tags of the messages on it
+(it answers a transfer handshake with them; see ``mempool/distributed.py``). Any failure on a
+channel (peer died, timeout) drops it on this side; the receiver then moves to ``gen + 1``.
+
+Threading (measured on torch 2.13): gloo's ``send``/``recv`` only *post* an operation, its I/O
+thread moves the bytes once both sides have posted, and ``Work`` has no ``get_future()``. So every
+operation (connect, gather, post, ``wait``) runs in a worker thread of this object's executor and
+completes an asyncio future; the event loop never blocks. Each operation gets its own thread
+rather than one thread per peer: messages carry unique tags, so they cannot be mismatched, and no
+operation can wait behind another whose counterpart the peer has not posted yet (a per-peer FIFO
+deadlocks when two transfers are announced in one order and sent in the other). Connecting blocks
+until the peer connects too; each connect uses its own ``store.clone()`` because one TCPStore
+client serialises its blocking calls.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any, TypeVar
+
+import torch
+import torch.distributed as dist
+from torch._C._distributed_c10d import PrefixStore, Store
+
+T = TypeVar("T")
+
+_Backend = Any  # a two-rank ProcessGroupGloo / ProcessGroupNCCL (torch's stubs lack send/recv)
+
+
+class TransferError(RuntimeError):
+    """A transfer failed: the peer died, timed out, refused, or the data did not arrive."""
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """An instance as the data plane knows it: a stable id and the incarnation of its process."""
+
+    instance_id: str
+    incarnation: str
+
+    @property
+    def key(self) -> str:
+        return f"{self.instance_id}@{self.incarnation}"
+
+
+class _Group:
+    """One connected two-rank process group, or the error that stopped it connecting."""
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.pg: _Backend | None = None
+        self.error: BaseException | None = None
+
+
+class Channels:
+    """This instance's channels to its peers. Thread-safe; ``close`` once at shutdown."""
+
+    def __init__(
+        self,
+        store: Store,
+        me: Endpoint,
+        timeout_s: float = 30.0,
+        max_threads: int = 64,
+        backend: str = "gloo",
+    ) -> None:
+        """``backend``: ``gloo`` (CPU tensors) or ``nccl`` (CUDA tensors, on the current device)."""
+        if backend not in ("gloo", "nccl"):
+            raise ValueError(f"backend must be gloo or nccl, got {backend!r}")
+        self.backend = backend
+        self.store = store
+        self.me = me
+        self.timeout = timedelta(seconds=timeout_s)
+        self._groups: dict[str, _Group] = {}
+        self._lock = threading.Lock()
+        self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="kv-channel")
+        self.num_connects = 0  # counter: process groups built
+
+    # ---- async operations -----------------------------------------------------------------
+
+    async def send(
+        self, dst: Endpoint, gen: int, tag: int, make: Callable[[], torch.Tensor]
+    ) -> int:
+        """Send ``make()`` (built in the worker thread, e.g. a gather) to ``dst`` on channel
+        ``me > dst`` generation ``gen``. Returns the bytes sent; raises ``TransferError``."""
+        return await self._run(lambda: self._send(dst, gen, tag, make))
+
+    async def recv(
+        self,
+        src: Endpoint,
+        gen: int,
+        tag: int,
+        out: torch.Tensor,
+        then: Callable[[torch.Tensor], T],
+        timeout_s: float | None = None,
+    ) -> T:
+        """Receive into ``out`` from ``src`` on channel ``src > me`` generation ``gen``, then run
+        ``then(out)`` in the same worker thread (e.g. scatter into cache blocks)."""
+        return await self._run(lambda: then(self._recv(src, gen, tag, out, timeout_s)))
+
+    async def connect(self, peer: Endpoint, gen: int, outgoing: bool) -> None:
+        """Build the channel ``me > peer`` (``outgoing``) or ``peer > me`` ahead of its use."""
+        key = self._key(peer, gen, outgoing)
+        await self._run(lambda: self._group(key, 0 if outgoing else 1))
+
+    def drop(self, peer: Endpoint) -> None:
+        """Forget every channel to and from ``peer`` (it left; its process groups are dead)."""
+        with self._lock:
+            for key in list(self._groups):
+                if peer.key in key.split("/")[1].split(">"):
+                    del self._groups[key]
+
+    def close(self) -> None:
+        with self._lock:
+            self._groups.clear()
+        self._executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- worker-thread side ---------------------------------------------------------------
+
+    async def _run(self, fn: Callable[[], T]) -> T:
+        loop = asyncio.get_running_loop()
+        try:
+            return await loop.run_in_executor(self._executor, fn)
+        except TransferError:
+            raise
+        except RuntimeError as e:  # gloo: connection closed, timeout, ...
+            raise TransferError(str(e).splitlines()[0][:300]) from e
+
+    def _send(self, dst: Endpoint, gen: int, tag: int, make: Callable[[], torch.Tensor]) -> int:
+        key = self._key(dst, gen, outgoing=True)
+        pg = self._group(key, rank=0)
+        tensor = make().contiguous()
+        try:
+            pg.send([tensor], 1, tag).wait(self.timeout)
+        except RuntimeError:
+            self._forget(key)
+            raise
+        return tensor.numel() * tensor.element_size()
+
+    def _recv(
+        self, src: Endpoint, gen: int, tag: int, out: torch.Tensor, timeout_s: float | None
+    ) -> torch.Tensor:
+        key = self._key(src, gen, outgoing=False)
+        pg = self._group(key, rank=1)
+        timeout = self.timeout if timeout_s is None else timedelta(seconds=timeout_s)
+        try:
+            pg.recv([out], 0, tag).wait(timeout)
+        except RuntimeError:
+            self._forget(key)
+            raise
+        return out
+
+    def _key(self, peer: Endpoint, gen: int, outgoing: bool) -> str:
+        src, dst = (self.me, peer) if outgoing else (peer, self.me)
+        return f"kv/{src.key}>{dst.key}/{gen}"
+
+    def _group(self, key: str, rank: int) -> _Backend:
+        """The connected group for ``key``, connecting it (once, whoever asks first) if new."""
+        with self._lock:
+            group = self._groups.get(key)
+            owner = group is None
+            if group is None:
+                group = self._groups[key] = _Group()
+        if owner:
+            try:
+                store = PrefixStore(key, self.store.clone())  # type: ignore[attr-defined]
+                group.pg = self._connect(store, rank)
+                self.num_connects += 1
+            except BaseException as e:
+                group.error = e
+                self._forget(key)
+            finally:
+                group.ready.set()
+        elif not group.ready.wait(self.timeout.total_seconds() + 5):
+            raise TransferError(f"channel {key} is still connecting")
+        if group.pg is None:
+            raise TransferError(f"cannot connect channel {key}: {group.error}")
+        return group.pg
+
+    def _connect(self, store: Store, rank: int) -> _Backend:
+        if self.backend == "nccl":
+            options = dist.ProcessGroupNCCL.Options()
+            options._timeout = self.timeout
+            return dist.ProcessGroupNCCL(store, rank, 2, options)
+        return dist.ProcessGroupGloo(store, rank, 2, self.timeout)
+
+    def _forget(self, key: str) -> None:
+        with self._lock:
+            self._groups.pop(key, None)
