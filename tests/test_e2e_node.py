@@ -177,9 +177,22 @@ def test_node_stops_cleanly_on_signal(sig: signal.Signals) -> None:
 
 
 def test_cli_roles_not_yet_available() -> None:
-    out = subprocess.run([*NODE, "--role", "prefill"], capture_output=True, text=True, timeout=60)
+    out = subprocess.run([*NODE, "--role", "scheduler"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
     assert "not yet available" in out.stderr
+
+
+def test_cli_disaggregated_roles_need_a_rendezvous() -> None:
+    out = subprocess.run([*NODE, "--role", "prefill"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "--rendezvous" in out.stderr
+
+
+def test_cli_unreachable_rendezvous_fails_cleanly() -> None:
+    args = ["--role", "decode", "--rendezvous", f"127.0.0.1:{free_port()}", "--transfer-timeout", "1"]
+    out = subprocess.run([*NODE, *args], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2
+    assert "cannot reach the rendezvous store" in out.stderr + out.stdout
 
 
 def test_cli_help_documents_flags() -> None:

@@ -16,6 +16,7 @@ from memserve.config import (
     DTYPES,
     PD_CACHING,
     ROLES,
+    TRANSFER_MODES,
     CacheConfig,
     DisaggConfig,
     EngineConfig,
@@ -47,6 +48,13 @@ def build_parser() -> argparse.ArgumentParser:
         default="full",
         help="P/D caching stage: basic (nothing kept), prefill (P keeps prompts), both (D keeps "
         "too; only missing KV moves), full (D also sends generated KV back to P)",
+    )
+    p.add_argument(
+        "--transfer-mode",
+        choices=TRANSFER_MODES,
+        default="by-request",
+        help="P->D KV transfer: by-request (one send after prefill) or by-layer (stream each "
+        "layer while the prefill computes; best at low load)",
     )
     p.add_argument(
         "--rendezvous",
@@ -176,6 +184,7 @@ def disagg_config(args: argparse.Namespace) -> DisaggConfig | None:
         instance_id=args.instance_id or f"{args.role}-{args.port}",
         host_rendezvous=args.host_rendezvous,
         pd_caching=args.pd_caching,
+        transfer_mode=args.transfer_mode,
         transfer_timeout_s=args.transfer_timeout,
         peer_timeout_s=args.peer_timeout,
     )

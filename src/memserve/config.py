@@ -132,6 +132,8 @@ class EngineConfig:
 
 PDCaching = Literal["basic", "prefill", "both", "full"]
 PD_CACHING: tuple[PDCaching, ...] = ("basic", "prefill", "both", "full")
+TransferMode = Literal["by-request", "by-layer"]
+TRANSFER_MODES: tuple[TransferMode, ...] = ("by-request", "by-layer")
 
 
 @dataclass(frozen=True)
@@ -142,6 +144,9 @@ class DisaggConfig:
     instance keeps prompts' KV), ``both`` (PD-Caching-2: the decode instance also keeps what it
     received and generated, and is sent only the KV it lacks), ``full`` (PD-Caching-3: the decode
     instance also sends the generated tokens' KV back to the prefill instance at the end).
+    ``transfer_mode``: ``by-request`` sends a request's KV in one call once its prefill is done;
+    ``by-layer`` streams each layer as the prefill's last step computes it (the decode side
+    posts its receives up front, so they wait up to ``transfer_timeout_s`` for the prefill).
     ``rendezvous``: ``host:port`` of the TCPStore every instance pairs through; this instance
     hosts it when ``host_rendezvous``. ``transfer_timeout_s`` bounds every send, receive and
     control call; a peer whose heartbeat stops for ``peer_timeout_s`` is gone.
@@ -151,6 +156,7 @@ class DisaggConfig:
     instance_id: str
     host_rendezvous: bool = False
     pd_caching: PDCaching = "full"
+    transfer_mode: TransferMode = "by-request"
     transfer_timeout_s: float = 30.0
     peer_timeout_s: float = 3.0
 
@@ -164,6 +170,8 @@ class DisaggConfig:
             raise ValueError(
                 f"instance id must be non-empty without '@>/ ', got {self.instance_id!r}"
             )
+        if self.transfer_mode not in TRANSFER_MODES:
+            raise ValueError(f"transfer_mode must be one of {TRANSFER_MODES}")
         if self.transfer_timeout_s <= 0 or self.peer_timeout_s <= 0:
             raise ValueError("timeouts must be > 0")
 

@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 import structlog
 
 from memserve.engine.llm_engine import LLMEngine
+from memserve.engine.request import LayerSink
 from memserve.engine.types import EngineOverloadedError, Prefilled, RequestOutput, SamplingParams
 from memserve.model.tokenizer import Tokenizer
 
@@ -38,6 +39,7 @@ class _Add:
     params: SamplingParams
     keep_kv: bool = False
     prefilled: Prefilled | None = None
+    layer_sink: LayerSink | None = None
 
 
 @dataclass(frozen=True)
@@ -88,9 +90,11 @@ class AsyncEngine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         keep_kv: bool = False,
+        layer_sink: LayerSink | None = None,
     ) -> AsyncIterator[RequestOutput]:
-        """``EngineClient.generate``; ``keep_kv``: see ``LLMEngine.add_request``."""
-        return self._stream(_Add(request_id, tuple(prompt_token_ids), params, keep_kv))
+        """``EngineClient.generate``; ``keep_kv``, ``layer_sink``: see ``LLMEngine.add_request``."""
+        item = _Add(request_id, tuple(prompt_token_ids), params, keep_kv, layer_sink=layer_sink)
+        return self._stream(item)
 
     def generate_prefilled(
         self,
@@ -227,7 +231,11 @@ class AsyncEngine:
         try:
             if item.prefilled is None:
                 engine.add_request(
-                    item.request_id, item.prompt_token_ids, item.params, item.keep_kv
+                    item.request_id,
+                    item.prompt_token_ids,
+                    item.params,
+                    item.keep_kv,
+                    item.layer_sink,
                 )
             else:
                 out = engine.add_prefilled(

@@ -45,7 +45,13 @@ from memserve.engine.types import (
     TokenLogprob,
 )
 from memserve.mempool.block_allocator import NoFreeBlocksError
-from memserve.mempool.distributed import DistributedMemPool, Peer, Ticket, endpoint_from
+from memserve.mempool.distributed import (
+    DistributedMemPool,
+    LayerSender,
+    Peer,
+    Ticket,
+    endpoint_from,
+)
 from memserve.mempool.pool import MemPool
 from memserve.model.tokenizer import Tokenizer
 from memserve.transport.channels import TransferError
@@ -98,15 +104,23 @@ class PrefillWorker:
         params = params_from_json(body["params"])
         prompt = [int(t) for t in body["prompt_token_ids"]]
         request_id = f"{decode.endpoint.instance_id}/{body['request_id']}"
+        sink = None
+        if ticket.num_parts > 1:  # by layer: the decode side is receiving already
+            await self.dmp.channels.connect(decode.endpoint, ticket.gen, outgoing=True)
+            sink = LayerSender(self.dmp, decode.endpoint, ticket)
         final: RequestOutput | None = None
-        async for out in self.engine.generate(request_id, prompt, prefill_params(params), True):
+        stream = self.engine.generate(request_id, prompt, prefill_params(params), True, sink)
+        async for out in stream:
             final = out
         if final is None or final.finish_reason != "length" or not final.new_token_ids:
             raise TransferError(f"prefill of {request_id} ended with {final and final.error}")
         key = hand_off_key(request_id)
         try:
-            hold = await self.engine.call(lambda e: e.pool.holds[key])
-            stats = await self.dmp.push(decode, ticket, hold.block_ids)
+            if sink is not None:
+                stats = await sink.wait()
+            else:
+                hold = await self.engine.call(lambda e: e.pool.holds[key])
+                stats = await self.dmp.push(decode, ticket, hold.block_ids)
         finally:
             await self.engine.call(lambda e: e.pool.release(key))
         state = final.sampler_state
@@ -205,10 +219,14 @@ class DecodeFront:
         self, peer: Peer, request_id: str, prompt: list[int], params: SamplingParams, arrival: float
     ) -> Prefilled:
         key = f"req/{request_id}"
+        by_layer = self.config.transfer_mode == "by-layer"
         try:
-            ticket = await self.dmp.expect(peer.endpoint, prompt, insert=False, key=key)
+            ticket = await self.dmp.expect(peer.endpoint, prompt, False, key, by_layer)
         except NoFreeBlocksError as e:
             raise EngineOverloadedError(f"no KV room for the prompt here: {e}") from e
+        receiving = None
+        if by_layer and ticket.num_blocks:  # post the receives now: layers arrive as computed
+            receiving = asyncio.ensure_future(self.dmp.receive(peer.endpoint, ticket.transfer_id))
         body = {
             "request_id": request_id,
             "prompt_token_ids": prompt,
@@ -222,7 +240,12 @@ class DecodeFront:
         }
         try:
             reply = await self.dmp.post(peer, "/internal/prefill", body, timeout_s=None)
+            if receiving is not None:
+                await receiving
         except BaseException:
+            if receiving is not None:
+                receiving.cancel()  # ``receive`` waits for its thread, then releases the hold
+                await asyncio.gather(receiving, return_exceptions=True)
             await self.dmp.abandon(ticket.transfer_id, key)  # the hold is released either way
             raise
         state = reply.get("sampler_state")

@@ -18,7 +18,7 @@ from memserve.config import EngineConfig
 from memserve.engine.detokenizer import IncrementalDetokenizer
 from memserve.engine.kv_manager import KVCacheManager
 from memserve.engine.model_runner import ModelRunner, RunnerOutput
-from memserve.engine.request import Request
+from memserve.engine.request import LayerSink, Request
 from memserve.engine.sampler import Sampler
 from memserve.engine.scheduler import Scheduler, SchedulerOutput
 from memserve.engine.types import (
@@ -171,11 +171,14 @@ class LLMEngine:
         prompt_token_ids: Sequence[int],
         params: SamplingParams,
         keep_kv: bool = False,
+        layer_sink: LayerSink | None = None,
     ) -> None:
         """Queue a request. ``keep_kv``: when it completes, its blocks go to an in-flight hold
-        (``hand_off_key(request_id)``) for a transfer instead of being freed."""
+        (``hand_off_key(request_id)``) for a transfer instead of being freed. ``layer_sink``:
+        gets each layer of the KV as the step that ends the prompt computes it."""
         request = self._new_request(request_id, prompt_token_ids, params)
         request.keep_kv = keep_kv
+        request.layer_sink = layer_sink
         self.scheduler.add(request)
 
     def add_prefilled(

@@ -7,7 +7,7 @@ runs one forward pass over all scheduled tokens and samples one token for every 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -50,7 +50,12 @@ class ModelRunner:
             return RunnerOutput({}, {})
         batch = self._prepare(output.chunks)
         logits = self.model.forward(
-            batch.input_ids, batch.positions, self.cache, batch.meta, batch.logits_indices
+            batch.input_ids,
+            batch.positions,
+            self.cache,
+            batch.meta,
+            batch.logits_indices,
+            self._layer_hook(batch.sampled),
         )
         rows = [self._sample_row(c) for c in batch.sampled]
         tokens, logprobs = self.sampler.sample(logits, rows)
@@ -59,6 +64,23 @@ class ModelRunner:
             dict(zip(ids, tokens, strict=True)),
             {i: lp for i, lp in zip(ids, logprobs, strict=True) if lp is not None},
         )
+
+    @staticmethod
+    def _layer_hook(sampled: Sequence[ScheduledChunk]) -> Callable[[int], None] | None:
+        """Streams each layer to the sinks of requests whose prompt ends in this step."""
+        sinks = [
+            (c.request.layer_sink, c.request.block_ids)
+            for c in sampled
+            if c.request.layer_sink is not None and c.start < c.request.num_prompt_tokens
+        ]
+        if not sinks:
+            return None
+
+        def on_layer(layer: int) -> None:
+            for sink, block_ids in sinks:
+                sink.layer_done(layer, block_ids)
+
+        return on_layer
 
     @staticmethod
     def _sample_row(chunk: ScheduledChunk) -> SampleRow:

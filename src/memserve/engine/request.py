@@ -4,12 +4,20 @@ from __future__ import annotations
 
 import enum
 import time
+from typing import Protocol
 
 import torch
 
 from memserve.engine.detokenizer import IncrementalDetokenizer
 from memserve.engine.types import FinishReason, SamplingParams, TokenLogprob
 from memserve.tree.radix import NodeHandle
+
+
+class LayerSink(Protocol):
+    """Receives each layer of a request's KV as soon as the step computing the end of its prompt
+    has written it (``ModelRunner`` calls it from the step's thread, in layer order)."""
+
+    def layer_done(self, layer: int, block_ids: list[int]) -> None: ...
 
 
 class RequestStatus(enum.Enum):
@@ -58,9 +66,9 @@ class Request:
         self.num_emitted_tokens = 0
         self.pending_logprobs: list[TokenLogprob] = []
         self.num_preemptions = 0
-        self.keep_kv = (
-            False  # on finish, hand the blocks to a transfer (``Hold``) instead of freeing
-        )
+        # On finish, hand the blocks to a transfer (``Hold``) instead of freeing them.
+        self.keep_kv = False
+        self.layer_sink: LayerSink | None = None  # by-layer KV streaming of the prompt's end
         self.arrival_time = time.monotonic()
         self.last_token_time: float | None = None
 

@@ -68,6 +68,7 @@ class Ticket:
     tag: int
     num_cached_blocks: int
     num_blocks: int
+    num_parts: int = 1  # 1: the blocks in one send; L: one send per layer (tags tag..tag+L-1)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -80,6 +81,7 @@ class Ticket:
             int(d["tag"]),
             int(d["num_cached_blocks"]),
             int(d["num_blocks"]),
+            int(d.get("num_parts", 1)),
         )
 
 
@@ -137,6 +139,7 @@ class DistributedMemPool:
         self._incoming: dict[str, _Incoming] = {}
         self._gen: dict[str, int] = {}  # by sender endpoint key: generation of src > me
         self._ids = itertools.count()
+        self._next_tag = 0
         self._session: aiohttp.ClientSession | None = None
         self._reaper: asyncio.Task[None] | None = None
 
@@ -271,18 +274,25 @@ class DistributedMemPool:
     # ---- receiver side --------------------------------------------------------------------
 
     async def expect(
-        self, src: Endpoint, tokens: Sequence[int], insert: bool, key: str | None = None
+        self,
+        src: Endpoint,
+        tokens: Sequence[int],
+        insert: bool,
+        key: str | None = None,
+        by_layer: bool = False,
     ) -> Ticket:
         """Reserve blocks for the KV of ``tokens`` from ``src`` (what is cached here is reused,
         the rest allocated) and return the ticket the sender needs. ``insert``: publish the
         tokens once the data arrived (``transfer_with_insert``); else the hold stays under
-        ``key`` for the caller to ``MemPool.take``. Raises ``NoFreeBlocksError`` if no room."""
+        ``key`` for the caller to ``MemPool.take``. ``by_layer``: the data comes as one send
+        per layer (``LayerSender``). Raises ``NoFreeBlocksError`` if no room."""
         transfer_id = self._new_id()
         key = key or f"in/{transfer_id}"
         use_cache = self.use_cache
         num_cached = await self._run(lambda pool: pool.reserve(key, tokens, use_cache))
         num_blocks = -(-len(tokens) // self.pool.block_size) - num_cached
-        return self._register(src, key, transfer_id, num_cached, num_blocks, insert)
+        num_parts = self.pool.caches[Tier.DEVICE].num_layers if by_layer else 1
+        return self._register(src, key, transfer_id, num_cached, num_blocks, insert, num_parts)
 
     async def expect_blocks(
         self, src: Endpoint, hold_key: str, block_ids: Sequence[int], tier: Tier
@@ -327,7 +337,7 @@ class DistributedMemPool:
         incoming.receiving = True  # the channel's timeout bounds it from here
         ticket = incoming.ticket
         try:
-            await self._recv(incoming)
+            await _finish_even_if_cancelled(self._recv(incoming))
             if incoming.aborted:
                 raise TransferError("abandoned by its owner")
             if incoming.insert:
@@ -381,9 +391,11 @@ class DistributedMemPool:
         num_cached: int,
         num_blocks: int,
         insert: bool,
+        num_parts: int = 1,
     ) -> Ticket:
         gen = self._gen.setdefault(src.key, 0)
-        ticket = Ticket(transfer_id, gen, next(self._ids) & 0x7FFFFFFF, num_cached, num_blocks)
+        tag, self._next_tag = self._next_tag, (self._next_tag + num_parts) % (1 << 30)
+        ticket = Ticket(transfer_id, gen, tag, num_cached, num_blocks, num_parts)
         deadline = time.monotonic() + self.timeout_s
         self._incoming[transfer_id] = _Incoming(src, key, ticket, insert, deadline)
         return ticket
@@ -395,12 +407,30 @@ class DistributedMemPool:
         hold = self.pool.holds[incoming.hold_key]
         dst = incoming.dst or hold.block_ids[ticket.num_cached_blocks :]
         data = self.pool.caches[hold.tier].data
-        staging = _recv_buffer(data, dst)
-        await self.channels.recv(
-            incoming.src, ticket.gen, ticket.tag, staging, lambda out: _scatter(data, dst, out)
-        )
+        if ticket.num_parts == 1:
+            staging = _recv_buffer(data, dst)
+            await self.channels.recv(
+                incoming.src, ticket.gen, ticket.tag, staging, lambda out: _scatter(data, dst, out)
+            )
+            num_bytes = staging.numel() * staging.element_size()
+        else:  # one part per layer: [n, 2, block_size, H, D] each
+            index = torch.tensor(dst, dtype=torch.long, device=data.device)
+            shape = (len(dst), *data.shape[2:])
+            outs = [
+                torch.empty(shape, dtype=data.dtype, device=data.device)
+                for _ in range(ticket.num_parts)
+            ]
+            await self.channels.recv_parts(
+                incoming.src,
+                ticket.gen,
+                ticket.tag,
+                outs,
+                lambda layer, out: data[:, layer].index_copy_(0, index, out),
+                timeout_s=self.timeout_s,
+            )
+            num_bytes = sum(o.numel() * o.element_size() for o in outs)
         self.counters.received_blocks += len(dst)
-        self.counters.received_bytes += staging.numel() * staging.element_size()
+        self.counters.received_bytes += num_bytes
 
     async def _drop_incoming(self, transfer_id: str) -> None:
         incoming = self._incoming.pop(transfer_id, None)
@@ -422,6 +452,66 @@ class DistributedMemPool:
 
     def _new_id(self) -> str:
         return f"{self.me.instance_id}:{next(self._ids)}"
+
+
+class LayerSender:
+    """By-layer streaming (sender side): ``layer_done`` is called from the engine's step thread
+    right after layer ``l`` of the step that finishes a prompt has written its K/V; it gathers
+    that layer of the ticket's blocks and posts its send (tag ``ticket.tag + l``) without
+    waiting, so the bytes move while the later layers compute. ``wait`` (after the step) waits
+    for every send. The receiver posted all its receives when it issued the ticket. The channel
+    must be connected before the step (``Channels.connect``)."""
+
+    def __init__(self, dmp: DistributedMemPool, dst: Endpoint, ticket: Ticket) -> None:
+        self.dmp = dmp
+        self.dst = dst
+        self.ticket = ticket
+        self._data = dmp.pool.caches[Tier.DEVICE].data
+        self._works: list[Any] = []
+        self._tensors: list[torch.Tensor] = []  # kept alive until the sends complete
+        self.error: TransferError | None = None
+
+    def layer_done(self, layer: int, block_ids: list[int]) -> None:
+        t = self.ticket
+        blocks = block_ids[t.num_cached_blocks : t.num_cached_blocks + t.num_blocks]
+        if not blocks or self.error is not None:
+            return
+        index = torch.tensor(blocks, dtype=torch.long, device=self._data.device)
+        part = self._data[:, layer].index_select(0, index)  # [n, 2, block_size, H, D]
+        try:
+            self._works.append(self.dmp.channels.post_send(self.dst, t.gen, t.tag + layer, part))
+        except (TransferError, RuntimeError) as e:  # reported by wait(); the step goes on
+            self.error = TransferError(str(e))
+            return
+        self._tensors.append(part)
+
+    async def wait(self) -> TransferStats:
+        t0 = time.perf_counter()
+        if self.error is not None:
+            raise self.error
+        if len(self._works) != (self.ticket.num_parts if self.ticket.num_blocks else 0):
+            raise TransferError(f"{len(self._works)} of {self.ticket.num_parts} layers were sent")
+        await self.dmp.channels.wait_sends(self.dst, self.ticket.gen, self._works)
+        num_bytes = sum(p.numel() * p.element_size() for p in self._tensors)
+        counters = self.dmp.counters
+        counters.sent_blocks += self.ticket.num_blocks
+        counters.sent_bytes += num_bytes
+        counters.send_calls += len(self._works)
+        self._tensors.clear()
+        return TransferStats(
+            self.ticket.num_blocks, num_bytes, len(self._works), time.perf_counter() - t0
+        )
+
+
+async def _finish_even_if_cancelled(call: Awaitable[None]) -> None:
+    """Await ``call``; if cancelled meanwhile, let it finish first (a receive in a worker thread
+    may still be writing into blocks: they must not be released under it), then re-raise."""
+    task = asyncio.ensure_future(call)
+    try:
+        await asyncio.shield(task)
+    except asyncio.CancelledError:
+        await asyncio.gather(task, return_exceptions=True)
+        raise
 
 
 def _ep(endpoint: Endpoint) -> dict[str, str]:

@@ -9,6 +9,7 @@ tokens of many sequences, see ``attention.base``); logits are computed only wher
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -62,11 +63,16 @@ class LlamaModel:
         cache: KVCache,
         meta: AttentionMetadata,
         logits_indices: torch.Tensor,  # [S] int64, positions in the packed batch to sample at
+        on_layer: Callable[[int], None] | None = None,
     ) -> torch.Tensor:  # [S, vocab] fp32
+        """``on_layer(l)`` is called once layer ``l`` has written its K/V to the cache (by-layer
+        KV streaming starts sending it while the later layers compute)."""
         hidden = F.embedding(input_ids, self.weights.embed)  # [N, hidden]
         cos, sin = self.rotary.cos_sin(positions, self.dtype)  # [N, 1, D] each
         for layer, w in enumerate(self.weights.layers):
             hidden = hidden + self._attention(layer, w, hidden, cos, sin, cache, meta)
+            if on_layer is not None:
+                on_layer(layer)
             hidden = hidden + self._mlp(w, hidden)
         last = rms_norm(hidden[logits_indices], self.weights.norm, self.arch.rms_norm_eps)
         return self.linear(last, self.weights.lm_head).float()  # [S, vocab]

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
@@ -113,6 +113,45 @@ class Channels:
         ``then(out)`` in the same worker thread (e.g. scatter into cache blocks)."""
         return await self._run(lambda: then(self._recv(src, gen, tag, out, timeout_s)))
 
+    async def recv_parts(
+        self,
+        src: Endpoint,
+        gen: int,
+        tag: int,
+        outs: Sequence[torch.Tensor],
+        then: Callable[[int, torch.Tensor], object],
+        timeout_s: float | None = None,
+    ) -> None:
+        """Receive ``outs[i]`` with tag ``tag + i`` (all posted at once, so the sender may send
+        them in any order and as soon as it has each), running ``then(i, outs[i])`` as each
+        arrives, in order."""
+        await self._run(lambda: self._recv_parts(src, gen, tag, outs, then, timeout_s))
+
+    def post_send(self, dst: Endpoint, gen: int, tag: int, tensor: torch.Tensor) -> Any:
+        """Post a send without waiting (callable from any thread; the channel must be
+        connected already, see ``connect``). Returns the ``Work``: keep ``tensor`` alive and
+        pass both to ``wait_sends``."""
+        key = self._key(dst, gen, outgoing=True)
+        with self._lock:
+            group = self._groups.get(key)
+        if group is None or group.pg is None:
+            raise TransferError(f"channel {key} is not connected")
+        return group.pg.send([tensor], 1, tag)
+
+    async def wait_sends(self, dst: Endpoint, gen: int, works: Sequence[Any]) -> None:
+        """Wait for posted sends; on failure the channel is dropped."""
+        key = self._key(dst, gen, outgoing=True)
+
+        def wait() -> None:
+            try:
+                for work in works:
+                    work.wait(self.timeout)
+            except RuntimeError:
+                self._forget(key)
+                raise
+
+        await self._run(wait)
+
     async def connect(self, peer: Endpoint, gen: int, outgoing: bool) -> None:
         """Build the channel ``me > peer`` (``outgoing``) or ``peer > me`` ahead of its use."""
         key = self._key(peer, gen, outgoing)
@@ -164,6 +203,27 @@ class Channels:
             self._forget(key)
             raise
         return out
+
+    def _recv_parts(
+        self,
+        src: Endpoint,
+        gen: int,
+        tag: int,
+        outs: Sequence[torch.Tensor],
+        then: Callable[[int, torch.Tensor], object],
+        timeout_s: float | None,
+    ) -> None:
+        key = self._key(src, gen, outgoing=False)
+        pg = self._group(key, rank=1)
+        timeout = self.timeout if timeout_s is None else timedelta(seconds=timeout_s)
+        try:
+            works = [pg.recv([out], 0, tag + i) for i, out in enumerate(outs)]
+            for i, (work, out) in enumerate(zip(works, outs, strict=True)):
+                work.wait(timeout)
+                then(i, out)
+        except RuntimeError:
+            self._forget(key)
+            raise
 
     def _key(self, peer: Endpoint, gen: int, outgoing: bool) -> str:
         src, dst = (self.me, peer) if outgoing else (peer, self.me)
