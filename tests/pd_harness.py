@@ -67,7 +67,7 @@ def wait_settled(url: str, timeout_s: float = 30) -> dict[str, Any]:
 def healthy(url: str) -> bool:
     try:
         with urllib.request.urlopen(url + "/health", timeout=5) as r:
-            return r.status == 200
+            return bool(r.status == 200)
     except OSError:
         return False
 

@@ -189,7 +189,14 @@ def test_cli_disaggregated_roles_need_a_rendezvous() -> None:
 
 
 def test_cli_unreachable_rendezvous_fails_cleanly() -> None:
-    args = ["--role", "decode", "--rendezvous", f"127.0.0.1:{free_port()}", "--transfer-timeout", "1"]
+    args = [
+        "--role",
+        "decode",
+        "--rendezvous",
+        f"127.0.0.1:{free_port()}",
+        "--transfer-timeout",
+        "1",
+    ]
     out = subprocess.run([*NODE, *args], capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert "cannot reach the rendezvous store" in out.stderr + out.stdout
