@@ -5,10 +5,11 @@ The paper's API, in plain ints (block ids are per tier; ``BlockRef`` names a tie
 - memory: ``alloc_mem(n, tier)``, ``free_mem(ids, tier)``, ``share_mem(ids, tier)``,
   ``swap_out(n)`` (device -> DRAM), ``swap_in(node)`` (DRAM -> device);
 - index: ``insert(tokens, ids)``, ``match(tokens)``, ``delete(tokens)``, ``lock`` / ``unlock``;
-- data: ``read_blocks`` / ``write_blocks`` gather and scatter whole aggregated blocks. They are the
-  seam for the distributed calls of the next layer: ``transfer(ids, peer)`` is ``read_blocks`` +
-  a send, and ``transfer_with_insert(tokens, ids, peer)`` is the peer's ``alloc_mem`` +
-  ``write_blocks`` + ``insert`` (see ``KVTransfer``).
+- data: ``read_blocks`` / ``write_blocks`` gather and scatter whole aggregated blocks;
+- in flight: ``holds`` (``hold`` / ``take`` / ``release``), ``reserve`` (a receiver's cached
+  prefix + fresh blocks as one hold) and ``insert_hold``: what the distributed calls
+  (``mempool/distributed.py``) build on. A block owned by a transfer is **in flight**, the fourth
+  state; ``check_integrity`` counts holds like requests.
 
 Ownership is reference counting. The prompt tree holds one reference on every block it indexes;
 a request holds one reference on every block of its block table. Hence a block is
