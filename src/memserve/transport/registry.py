@@ -81,7 +81,16 @@ class Registry:
         await asyncio.to_thread(self._register)
         try:
             while True:
-                joined, left = await asyncio.to_thread(self._tick)
+                try:
+                    joined, left = await asyncio.to_thread(self._tick, list(self.peers.values()))
+                except RuntimeError as e:  # the store is unreachable: keep what we know, retry
+                    log.warning("rendezvous store unreachable", error=str(e))
+                    await asyncio.sleep(self.interval_s)
+                    continue
+                for info in joined:
+                    self.peers[info.endpoint.key] = info
+                for info in left:
+                    self.peers.pop(info.endpoint.key, None)
                 for info in joined:
                     await self._notify(self.on_join, info, "instance joined")
                 for info in left:
@@ -109,8 +118,9 @@ class Registry:
         with contextlib.suppress(RuntimeError):  # the store's host is gone already
             self._store.add(self._hb(self.me), _GONE)
 
-    def _tick(self) -> tuple[list[InstanceInfo], list[InstanceInfo]]:
-        """Beat once, read new registrations and every peer's counter."""
+    def _tick(self, known: list[InstanceInfo]) -> tuple[list[InstanceInfo], list[InstanceInfo]]:
+        """Beat once, read new registrations and the ``known`` peers' counters (worker thread:
+        touches only the store and ``_beats``; the event loop applies the result to ``peers``)."""
         store = self._store
         store.add(self._hb(self.me), 1)
         joined: list[InstanceInfo] = []
@@ -119,11 +129,9 @@ class Registry:
             self._seen = index + 1
             if info.endpoint != self.me.endpoint and store.add(self._hb(info), 0) >= 0:
                 self._beats[info.endpoint.key] = (-1, time.monotonic())
-                self.peers[info.endpoint.key] = info
                 joined.append(info)
-        left = [info for info in list(self.peers.values()) if not self._alive(info)]
+        left = [info for info in known if not self._alive(info)]
         for info in left:
-            del self.peers[info.endpoint.key]
             del self._beats[info.endpoint.key]
         return joined, left
 
