@@ -124,6 +124,8 @@ def build_disagg_app(
     registry.on_leave.append(lambda info: dmp.forget(info.endpoint))
     engine.metrics.add_transfer_counters(lambda: dmp.counters)
     front = DecodeFront(async_engine, dmp, registry, disagg, url) if role == "decode" else None
+    if front is not None:
+        registry.on_leave.append(front.peer_left)
     app = build_app(front or async_engine)
     worker = PrefillWorker(async_engine, dmp) if role == "prefill" else None
     add_control_routes(app, dmp, async_engine, worker)

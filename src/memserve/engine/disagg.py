@@ -55,7 +55,7 @@ from memserve.mempool.distributed import (
 from memserve.mempool.pool import MemPool
 from memserve.model.tokenizer import Tokenizer
 from memserve.transport.channels import TransferError
-from memserve.transport.registry import Registry
+from memserve.transport.registry import InstanceInfo, Registry
 
 log = structlog.get_logger(__name__)
 
@@ -154,6 +154,7 @@ class DecodeFront:
         self.url = url
         self._round_robin = itertools.count()
         self._tasks: set[asyncio.Task[None]] = set()  # send-backs in flight (owned here)
+        self._calls: dict[str, set[asyncio.Future[dict[str, Any]]]] = {}  # prefills, by peer
 
     # ---- EngineClient ---------------------------------------------------------------------
 
@@ -239,7 +240,7 @@ class DecodeFront:
             },
         }
         try:
-            reply = await self.dmp.post(peer, "/internal/prefill", body, timeout_s=None)
+            reply = await self._call_prefill(peer, body)
             if receiving is not None:
                 await receiving
         except BaseException:
@@ -259,6 +260,28 @@ class DecodeFront:
             generator_state=None if state is None else base64.b64decode(state),
             keep_kv=self.config.send_back,
         )
+
+    async def _call_prefill(self, peer: Peer, body: dict[str, Any]) -> dict[str, Any]:
+        """POST /internal/prefill; no time limit (the prefill may queue), but if the registry
+        sees ``peer`` leave meanwhile (``peer_left``), the call fails with ``TransferError``
+        even when the connection does not (a machine that vanished sends no reset)."""
+        call = asyncio.ensure_future(self.dmp.post(peer, "/internal/prefill", body, timeout_s=0))
+        calls = self._calls.setdefault(peer.endpoint.key, set())
+        calls.add(call)
+        try:
+            return await asyncio.shield(call)
+        except asyncio.CancelledError:
+            if not call.cancelled():  # we are cancelled, not the call
+                call.cancel()
+                raise
+            raise TransferError(f"{peer.endpoint.instance_id} left during the prefill") from None
+        finally:
+            calls.discard(call)
+
+    async def peer_left(self, info: InstanceInfo) -> None:
+        """Registry callback: fail the prefill calls in flight to an instance that left."""
+        for call in self._calls.pop(info.endpoint.key, set()):
+            call.cancel()
 
     def _send_back_later(self, request_id: str, peer: Peer, out: RequestOutput) -> None:
         if out.finish_reason not in ("stop", "length"):

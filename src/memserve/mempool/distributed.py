@@ -252,9 +252,11 @@ class DistributedMemPool:
     async def post(
         self, peer: Peer, path: str, body: dict[str, Any], timeout_s: float | None = None
     ) -> dict[str, Any]:
-        """POST a control message; the JSON reply, or ``TransferError``."""
+        """POST a control message; the JSON reply, or ``TransferError``. ``timeout_s``: None
+        for the transfer timeout, 0 for no limit."""
         assert self._session is not None, "start() first"
-        timeout = aiohttp.ClientTimeout(total=timeout_s or self.timeout_s)
+        total = self.timeout_s if timeout_s is None else timeout_s or None
+        timeout = aiohttp.ClientTimeout(total=total, sock_connect=self.timeout_s)
         try:
             async with self._session.post(
                 peer.url + path,
