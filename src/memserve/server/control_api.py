@@ -32,6 +32,7 @@ from memserve.mempool.block_allocator import NoFreeBlocksError
 from memserve.mempool.distributed import DistributedMemPool, endpoint_from
 from memserve.mempool.pool import Tier
 from memserve.server.errors import APIError, bad_request
+from memserve.server.openai_api import read_json_object
 from memserve.transport.channels import TransferError
 
 DMP = web.AppKey("dmp", DistributedMemPool)
@@ -69,7 +70,7 @@ def _handler(
     fn: Callable[[DistributedMemPool, Body], Awaitable[Body]],
 ) -> Callable[[web.Request], Awaitable[web.Response]]:
     async def handle(request: web.Request) -> web.Response:
-        body = await _read(request)
+        body = await read_json_object(request)
         return _reply(await _guard(fn(request.app[DMP], body)))
 
     return handle
@@ -97,7 +98,7 @@ async def _check(request: web.Request) -> web.Response:
 
 
 async def _prefill(request: web.Request) -> web.Response:
-    body = await _read(request)
+    body = await read_json_object(request)
     return _reply(await _guard(request.app[PREFILL].prefill(body)))
 
 
@@ -111,16 +112,6 @@ async def _guard(call: Awaitable[Body]) -> Body:
         raise APIError(503, str(e), type="server_overloaded", code="no_room") from e
     except TransferError as e:
         raise APIError(502, str(e), type="server_error", code="transfer_failed") from e
-
-
-async def _read(request: web.Request) -> Body:
-    try:
-        body = orjson.loads(await request.read())
-    except orjson.JSONDecodeError as e:
-        raise bad_request(f"malformed JSON: {e}") from e
-    if not isinstance(body, dict):
-        raise bad_request("the body must be a JSON object")
-    return body
 
 
 def _reply(body: Body) -> web.Response:

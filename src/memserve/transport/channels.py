@@ -111,7 +111,9 @@ class Channels:
     ) -> T:
         """Receive into ``out`` from ``src`` on channel ``src > me`` generation ``gen``, then run
         ``then(out)`` in the same worker thread (e.g. scatter into cache blocks)."""
-        return await self._run(lambda: then(self._recv(src, gen, tag, out, timeout_s)))
+        results: list[T] = []
+        await self.recv_parts(src, gen, tag, [out], lambda _, o: results.append(then(o)), timeout_s)
+        return results[0]
 
     async def recv_parts(
         self,
@@ -190,19 +192,6 @@ class Channels:
             self._forget(key)
             raise
         return tensor.numel() * tensor.element_size()
-
-    def _recv(
-        self, src: Endpoint, gen: int, tag: int, out: torch.Tensor, timeout_s: float | None
-    ) -> torch.Tensor:
-        key = self._key(src, gen, outgoing=False)
-        pg = self._group(key, rank=1)
-        timeout = self.timeout if timeout_s is None else timedelta(seconds=timeout_s)
-        try:
-            pg.recv([out], 0, tag).wait(timeout)
-        except RuntimeError:
-            self._forget(key)
-            raise
-        return out
 
     def _recv_parts(
         self,
