@@ -21,18 +21,16 @@ import asyncio
 import hashlib
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict
 from datetime import timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import orjson
 import torch
 from aiohttp import web
 from torch._C._distributed_c10d import TCPStore
 
-from memserve.engine.async_engine import AsyncEngine
-from memserve.engine.llm_engine import LLMEngine
 from memserve.mempool.distributed import DistributedMemPool, Peer, TransferStats, endpoint_from
 from memserve.mempool.kv_cache import KVCache
 from memserve.mempool.pool import Hold, MemPool, Tier
@@ -77,43 +75,23 @@ class GatedChannels(Channels):
         super().__init__(store, me, timeout_s)
         self.gates = {"send": Gate(), "recv": Gate()}
 
-    async def send(
-        self, dst: Endpoint, gen: int, tag: int, make: Callable[[], torch.Tensor]
+    async def send_parts(
+        self, dst: Endpoint, gen: int, tag: int, make: Callable[[], Sequence[torch.Tensor]]
     ) -> int:
         await self.gates["send"].passage()
-        return await super().send(dst, gen, tag, make)
+        return await super().send_parts(dst, gen, tag, make)
 
-    async def recv(
+    async def recv_parts(
         self,
         src: Endpoint,
         gen: int,
         tag: int,
-        out: torch.Tensor,
-        then: Callable[[torch.Tensor], T],
+        outs: Sequence[torch.Tensor],
+        then: Callable[[int, torch.Tensor], object],
         timeout_s: float | None = None,
-    ) -> T:
+    ) -> None:
         await self.gates["recv"].passage()
-        return await super().recv(src, gen, tag, out, then, timeout_s)
-
-
-class PoolOnlyEngine:
-    """Stands in for the ``AsyncEngine`` of ``add_control_routes`` (used by ``/internal/check``
-    only): an engine with no requests, whose ``check_integrity`` is ``LLMEngine``'s own."""
-
-    def __init__(self, pool: MemPool) -> None:
-        self.pool = pool
-        self.scheduler = _NoRequests()
-
-    def check_integrity(self) -> None:
-        LLMEngine.check_integrity(cast(LLMEngine, self))
-
-    async def call(self, fn: Callable[[LLMEngine], T]) -> T:
-        return fn(cast(LLMEngine, self))
-
-
-class _NoRequests:
-    running: list[Any] = []  # noqa: RUF012  (read-only, always empty)
-    waiting: list[Any] = []  # noqa: RUF012
+        await super().recv_parts(src, gen, tag, outs, then, timeout_s)
 
 
 def digest(data: torch.Tensor, block_ids: list[int]) -> list[str]:
@@ -134,7 +112,14 @@ def fill(data: torch.Tensor, block_ids: list[int], seed: int) -> None:
 class PeerApp:
     def __init__(self, args: argparse.Namespace, store: TCPStore) -> None:
         dtype = DTYPES[args.dtype]
-        shape = (args.layers, args.block_size, args.heads, args.head_dim, dtype, torch.device("cpu"))
+        shape = (
+            args.layers,
+            args.block_size,
+            args.heads,
+            args.head_dim,
+            dtype,
+            torch.device("cpu"),
+        )
         device = KVCache(args.device_blocks, *shape)
         dram = KVCache(args.dram_blocks, *shape) if args.dram_blocks else None
         self.pool = MemPool(device, dram)
@@ -160,7 +145,7 @@ class PeerApp:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware], client_max_size=1 << 26)
-        add_control_routes(app, self.dmp, cast(AsyncEngine, PoolOnlyEngine(self.pool)))
+        add_control_routes(app, self.dmp)
         routes: dict[str, Callable[[Body], Awaitable[Body]]] = {
             "info": self.info,
             "hold": self.hold,
@@ -175,6 +160,7 @@ class PeerApp:
             "transfer_with_insert": self.transfer_with_insert,
             "free_remote": self.free_remote,
             "offer_only": self.offer_only,
+            "forget": self.forget,
         }
         for name, fn in routes.items():
             app.router.add_post(f"/test/{name}", _json_route(fn))
@@ -199,6 +185,7 @@ class PeerApp:
             "url": self.url,
             "counters": asdict(self.dmp.counters),
             "num_connects": self.channels.num_connects,
+            "channels": sorted(self.channels._groups),  # kv/{src}>{dst}/{gen}, connected now
             "holds": sorted(pool.holds),
             "free": {t.value: pool.num_free(t) for t in Tier},
             "gates": {
@@ -281,6 +268,11 @@ class PeerApp:
 
     async def free_remote(self, body: Body) -> Body:
         await self.dmp.free_remote(_peer(body["peer"]), str(body["hold"]))
+        return {}
+
+    async def forget(self, body: Body) -> Body:
+        """What the registry does when a peer stops beating (here: on demand, peer alive)."""
+        await self.dmp.forget(endpoint_from(body["peer"]))
         return {}
 
     async def offer_only(self, body: Body) -> Body:

@@ -1,14 +1,15 @@
 """Prefill/decode clusters of real ``memserve-node`` processes (``tests/test_pd_cluster.py``).
 
-A ``Cluster`` starts the rendezvous store's host first (the decode instance by default, or a
-prefill instance with ``store_on="prefill"``), then the others, each with its log under
-``log_dir``; ``wait_ready`` polls the decode front door until a request gets through (its
-registry sees prefill instances only after a poll). Closing stops every node still running.
+A ``Cluster`` runs nodes with their logs under ``log_dir``; the first node of role
+``store_on`` (the decode instance by default) hosts the rendezvous store. ``wait_ready`` polls
+the decode front door until a request gets through (its registry sees prefill instances only
+after a poll). Closing stops every node still running (SIGINT, then SIGKILL).
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -19,7 +20,7 @@ from typing import Any, Literal
 
 import openai
 
-from memserve.bench.launch import RunningNode, free_port, local_node
+from memserve.bench.launch import NODE_COMMAND, RunningNode, free_port, stop, wait_healthy
 
 MODEL = "dummy:tiny"
 BLOCK = 16
@@ -73,7 +74,9 @@ def healthy(url: str) -> bool:
 
 
 class Cluster:
-    """One decode instance (the OpenAI front door) and prefill instances, in ``mode``."""
+    """One decode instance (the OpenAI front door) and prefill instances, in ``mode``. Nodes
+    boot concurrently: a non-host's rendezvous connect waits (up to its ``--transfer-timeout``)
+    for the store's host, which opens the store right after loading its model."""
 
     def __init__(self, mode: str, log_dir: Path, store_on: Literal["decode", "prefill"] = "decode"):
         self.mode = mode
@@ -84,7 +87,7 @@ class Cluster:
         self._stack = ExitStack()
         self._decode: RunningNode | None = None
         self._store_up = False
-        self._logs = 0
+        self._logs: dict[str, Path] = {}
 
     @property
     def decode(self) -> RunningNode:
@@ -96,24 +99,36 @@ class Cluster:
             base_url=self.decode.url + "/v1", api_key="unused", max_retries=0, timeout=timeout_s
         )
 
-    def _start(self, role: str, instance_id: str, extra: tuple[str, ...]) -> RunningNode:
-        args = ["--role", role, "--model", MODEL, "--dtype", "float32", "--num-kv-blocks", "512",
-                "--num-threads", "1", "--rendezvous", f"127.0.0.1:{self.rendezvous_port}",
+    def spawn(self, role: str, *extra: str) -> RunningNode:
+        """Start a node (``wait_healthy`` next); prefill ids are p0, p1, ..., decode is d0."""
+        instance_id = f"p{len(self.prefills)}" if role == "prefill" else "d0"
+        args = ["--role", role, "--model", MODEL, "--dtype", "float32", "--num-kv-blocks",
+                "512", "--num-threads", "1", "--rendezvous", f"127.0.0.1:{self.rendezvous_port}",
                 "--pd-caching", self.mode, "--instance-id", instance_id, *extra]  # fmt: skip
         if role == self.store_on and not self._store_up:
             args.append("--host-rendezvous")
             self._store_up = True
-        self._logs += 1
-        log = self.log_dir / f"{self._logs}-{instance_id}.log"
-        return self._stack.enter_context(local_node(args, log, 60, 20))
+        port = free_port()
+        log = self.log_dir / f"{len(self._logs) + 1}-{instance_id}.log"
+        with log.open("wb") as out:
+            cmd = [*NODE_COMMAND, "--port", str(port), *args]
+            proc = subprocess.Popen(cmd, stdout=out, stderr=subprocess.STDOUT)
+        self._stack.callback(stop, proc, 20)
+        node = RunningNode(f"http://127.0.0.1:{port}", proc)
+        self._logs[node.url] = log
+        if role == "prefill":
+            self.prefills.append(node)
+        else:
+            self._decode = node
+        return node
 
-    def start_decode(self, *extra: str) -> RunningNode:
-        self._decode = self._start("decode", "d0", extra)
-        return self._decode
+    def wait_healthy(self, *nodes: RunningNode) -> None:
+        for node in nodes:
+            wait_healthy(node.url, node.proc, 60, self._logs[node.url])
 
-    def add_prefill(self, *extra: str) -> RunningNode:
-        node = self._start("prefill", f"p{len(self.prefills)}", extra)
-        self.prefills.append(node)
+    def start(self, role: str, *extra: str) -> RunningNode:
+        node = self.spawn(role, *extra)
+        self.wait_healthy(node)
         return node
 
     def wait_ready(self, timeout_s: float = 30) -> None:
@@ -141,18 +156,21 @@ class Cluster:
         self._stack.close()
 
 
-def start_cluster(mode: str, log_dir: Path, decode_extra: tuple[str, ...] = (),
-                  prefill_extra: tuple[str, ...] = (), store_on: Literal["decode", "prefill"] = "decode",
-                  ) -> Cluster:  # fmt: skip
-    """A started, ready cluster of one decode and one prefill instance (close it when done)."""
+def start_cluster(
+    mode: str,
+    log_dir: Path,
+    decode_extra: tuple[str, ...] = (),
+    prefill_extra: tuple[str, ...] = (),
+    store_on: Literal["decode", "prefill"] = "decode",
+    num_prefill: int = 1,
+) -> Cluster:
+    """A started, ready cluster of one decode and ``num_prefill`` prefill instances (close it
+    when done)."""
     cluster = Cluster(mode, log_dir, store_on)
     try:
-        if store_on == "prefill":
-            cluster.add_prefill(*prefill_extra)
-            cluster.start_decode(*decode_extra)
-        else:
-            cluster.start_decode(*decode_extra)
-            cluster.add_prefill(*prefill_extra)
+        d = cluster.spawn("decode", *decode_extra)
+        ps = [cluster.spawn("prefill", *prefill_extra) for _ in range(num_prefill)]
+        cluster.wait_healthy(d, *ps)
         cluster.wait_ready()
     except BaseException:
         cluster.__exit__(None, None, None)

@@ -7,9 +7,10 @@ all but its last output token."""
 from __future__ import annotations
 
 import random
+import signal
 import time
-from collections.abc import Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,6 +18,7 @@ import openai
 import pytest
 from openai.types import Completion as APICompletion
 
+from memserve.bench.launch import RunningNode
 from memserve.config import CacheConfig, EngineConfig, ModelConfig
 from memserve.engine.offline import LLM, Completion
 from memserve.engine.types import SamplingParams
@@ -24,6 +26,7 @@ from memserve.mempool.pool import Tier
 from pd_harness import (
     BLOCK,
     COMPUTED,
+    FAILURES,
     MODEL,
     RECEIVED,
     RECEIVED_BYTES,
@@ -38,9 +41,11 @@ from pd_harness import (
 
 pytestmark = pytest.mark.slow
 
-MODES = ("basic", "prefill", "both", "full")
+Outcome = tuple[list[int], APICompletion | Exception]
+
+MODES = ("basic", "prefill", "both", "full", "full/by-layer")  # P/D caching stage[/transfer]
 MAX_TOKENS = 12
-FAST_FAIL = ("--transfer-timeout", "5", "--peer-timeout", "1")
+FAST_FAIL = ("--transfer-timeout", "3", "--peer-timeout", "1")
 SLOW_PREFILL = ("--max-num-batched-tokens", "32")  # P stays busy ~2 s with the long prompts
 
 
@@ -50,9 +55,12 @@ def reference() -> LLM:
 
 
 @pytest.fixture(scope="module", params=MODES)
-def cluster(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:  # fmt: skip
-    mode: str = request.param
-    with start_cluster(mode, tmp_path_factory.mktemp(f"pd-{mode}")) as c:
+def cluster(
+    request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Cluster]:
+    mode, _, transfer = str(request.param).partition("/")
+    d_args = ("--transfer-mode", transfer) if transfer else ()
+    with start_cluster(mode, tmp_path_factory.mktemp(f"pd-{mode}"), d_args) as c:
         yield c
 
 
@@ -61,7 +69,9 @@ def ids(rng: random.Random, n: int) -> list[int]:
 
 
 def common(a: Sequence[int], b: Sequence[int]) -> int:
-    return next((i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b)))  # fmt: skip
+    return next(
+        (i for i, (x, y) in enumerate(zip(a, b, strict=False)) if x != y), min(len(a), len(b))
+    )
 
 
 def p_hit(cached: list[list[int]], prompt: list[int]) -> int:
@@ -80,16 +90,25 @@ def bytes_per_block(llm: LLM) -> int:
     return block.numel() * block.element_size()
 
 
-def complete(client: openai.OpenAI, prompt: list[int], max_tokens: int = MAX_TOKENS) -> APICompletion:  # fmt: skip
+def complete(
+    client: openai.OpenAI, prompt: list[int], max_tokens: int = MAX_TOKENS
+) -> APICompletion:
     return client.completions.create(
         model=MODEL, prompt=prompt, max_tokens=max_tokens, temperature=0, logprobs=3
     )
 
 
-def assert_same(out: APICompletion, llm: LLM, prompt: list[int], max_tokens: int = MAX_TOKENS) -> Completion:  # fmt: skip
-    """``out`` (tokens, text, logprobs, usage) equals the offline engine's greedy answer."""
-    params = SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=3)
-    ref = llm.generate([prompt], params)[0]
+def assert_same(
+    out: APICompletion,
+    llm: LLM,
+    prompt: list[int],
+    max_tokens: int = MAX_TOKENS,
+    ref: Completion | None = None,
+) -> Completion:
+    """``out`` (tokens, text, logprobs, usage) equals the offline engine's greedy answer
+    (``ref``, computed here if not given)."""
+    if ref is None:
+        ref = references(llm, [prompt], max_tokens)[0]
     tok = llm.engine.tokenizer
     choice = out.choices[0]
     assert choice.text == ref.text
@@ -103,8 +122,22 @@ def assert_same(out: APICompletion, llm: LLM, prompt: list[int], max_tokens: int
         want.setdefault(tok.token_str(e.token_id), e.logprob)
         assert got == pytest.approx(want, abs=1e-4)
     assert out.usage is not None
-    assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(prompt), len(ref.token_ids))  # fmt: skip
+    assert out.usage.prompt_tokens == len(prompt)
+    assert out.usage.completion_tokens == len(ref.token_ids)
     return ref
+
+
+def references(llm: LLM, prompts: list[list[int]], max_tokens: int) -> list[Completion]:
+    """The offline engine's greedy answers, as one batch (fast on a loaded 2-core machine)."""
+    return llm.generate(prompts, SamplingParams(max_tokens=max_tokens, temperature=0, logprobs=3))
+
+
+def assert_completed_same(outcomes: list[Outcome], llm: LLM) -> list[Exception]:
+    """The completed outcomes equal the offline engine's answers; returns the others."""
+    done = [(p, r) for p, r in outcomes if isinstance(r, APICompletion)]
+    for (prompt, out), ref in zip(done, references(llm, [p for p, _ in done], 32), strict=True):
+        assert_same(out, llm, prompt, 32, ref)
+    return [r for _, r in outcomes if not isinstance(r, APICompletion)]
 
 
 @dataclass
@@ -131,8 +164,17 @@ def converse(cluster: Cluster, llm: LLM, seed: int) -> list[Turn]:
         wait_settled(d)
         wait_settled(p)
         after = (metrics(d), metrics(p))
-        names = {"received": RECEIVED, "received_bytes": RECEIVED_BYTES, "sent": SENT, "sent_bytes": SENT_BYTES}  # fmt: skip
-        moved = {f"{side}_{k}": after[i][m] - before[i][m] for i, side in enumerate("dp") for k, m in names.items()}  # fmt: skip
+        names = {
+            "received": RECEIVED,
+            "received_bytes": RECEIVED_BYTES,
+            "sent": SENT,
+            "sent_bytes": SENT_BYTES,
+        }
+        moved = {
+            f"{side}_{k}": after[i][m] - before[i][m]
+            for i, side in enumerate("dp")
+            for k, m in names.items()
+        }
         assert out.usage is not None and out.usage.prompt_tokens_details is not None
         cached = out.usage.prompt_tokens_details.cached_tokens or 0
         turns.append(Turn(prompt, ref.token_ids, cached, moved))
@@ -193,7 +235,7 @@ def test_prefill_instance_joins(tmp_path: Path, reference: LLM) -> None:
         for _ in range(2):
             prompt = ids(rng, 40)
             assert_same(complete(client, prompt), reference, prompt)
-        p1 = c.add_prefill()
+        p1 = c.start("prefill")
         p0_before = metrics(c.prefills[0].url)[COMPUTED]
         for _ in range(30):
             prompt = ids(rng, 40)
@@ -208,67 +250,105 @@ def test_prefill_instance_joins(tmp_path: Path, reference: LLM) -> None:
             wait_settled(node.url)
 
 
-def run_and_kill(cluster: Cluster, kill: str) -> list[tuple[list[int], object]]:
-    """Eight concurrent long requests (600 tokens, 32 out); SIGKILL ``kill`` ("prefill" or
-    "decode") while P is part-way through their prefills. Each result: the completion or the
-    exception; none may hang."""
-    rng = random.Random(4)
+def flood(
+    cluster: Cluster,
+    seed: int,
+    watch: RunningNode,
+    victim: RunningNode,
+    sig: signal.Signals = signal.SIGKILL,
+    then: Callable[[], object] = lambda: None,
+) -> list[Outcome]:
+    """Eight concurrent long requests (600 prompt tokens, 32 out); ``sig`` to ``victim`` once
+    ``watch`` has computed 300 of their prompt tokens, then ``then()``. Each outcome: the
+    completion or the exception; none may hang."""
+    rng = random.Random(seed)
     prompts = [ids(rng, 600) for _ in range(8)]
-    p = cluster.prefills[0]
-    start = metrics(p.url)[COMPUTED]
+    start = metrics(watch.url)[COMPUTED]
     client = cluster.client(60)
     with ThreadPoolExecutor(len(prompts)) as pool:
-        futures: list[Future[APICompletion]] = [pool.submit(complete, client, x, 32) for x in prompts]  # fmt: skip
+        futures = [pool.submit(complete, client, x, 32) for x in prompts]
         deadline = time.monotonic() + 30
-        while metrics(p.url)[COMPUTED] - start < 1000 and time.monotonic() < deadline:
+        while metrics(watch.url)[COMPUTED] - start < 300 and time.monotonic() < deadline:
             time.sleep(0.02)
-        (p if kill == "prefill" else cluster.decode).proc.kill()
-        results: list[object] = []
-        for f in futures:
+        victim.proc.send_signal(sig)
+        then()
+        outcomes: list[Outcome] = []
+        for prompt, f in zip(prompts, futures, strict=True):
             try:
-                results.append(f.result(timeout=90))
-            except Exception as e:  # kept, judged by the caller
-                results.append(e)
-    return list(zip(prompts, results, strict=True))
+                outcomes.append((prompt, f.result(timeout=90)))
+            except Exception as e:  # judged by the caller
+                outcomes.append((prompt, e))
+    return outcomes
+
+
+def serve_until(cluster: Cluster, node: RunningNode, llm: LLM) -> None:
+    """Send requests until ``node`` has prefilled one (the decode's registry saw it join)."""
+    rng, before = random.Random(7), metrics(node.url)[COMPUTED]
+    for _ in range(30):
+        prompt = ids(rng, 20)
+        assert_same(complete(cluster.client(), prompt), llm, prompt)
+        if metrics(node.url)[COMPUTED] > before:
+            return
+        time.sleep(0.1)
+    pytest.fail(f"{node.url} never served")
 
 
 def test_prefill_killed_mid_flight(tmp_path: Path, reference: LLM) -> None:
-    with start_cluster("full", tmp_path, FAST_FAIL, (*FAST_FAIL, *SLOW_PREFILL)) as c:
-        outcomes = run_and_kill(c, kill="prefill")
-        failed = 0
-        for prompt, result in outcomes:
-            if isinstance(result, APICompletion):
-                assert_same(result, reference, prompt, 32)
-            else:
-                assert isinstance(result, openai.APIStatusError), repr(result)
-                assert result.status_code in (502, 503), result
-                assert "prefill" in result.message, result.message
-                failed += 1
-        assert failed > 0  # P died with prompts not yet computed
+    slow_p = (*FAST_FAIL, *SLOW_PREFILL)
+    with start_cluster("full", tmp_path, FAST_FAIL, slow_p, num_prefill=2) as c:
+        p0, p1 = c.prefills
+        serve_until(c, p1, reference)
+        # P0 dies with prompts half done: they are retried on P1, nothing was streamed yet
+        p1_before = metrics(p1.url)[COMPUTED]
+        assert assert_completed_same(flood(c, 4, watch=p0, victim=p0), reference) == []
+        assert metrics(p1.url)[COMPUTED] - p1_before > 4 * 600  # more than its round-robin half
+        # then the last prefill instance dies mid-flight: a clear 503 for what it had not done
+        failed = assert_completed_same(flood(c, 5, watch=p1, victim=p1), reference)
+        assert failed
+        for error in failed:
+            assert isinstance(error, openai.APIStatusError), repr(error)
+            assert error.status_code == 503, error
+            assert "prefill unavailable" in error.message, error.message
         assert healthy(c.decode.url)
         wait_settled(c.decode.url)
-        with pytest.raises(openai.APIStatusError) as e:  # once P's heartbeat is gone
+        with pytest.raises(openai.APIStatusError) as e:
             complete(c.client(), [5, 6, 7], 2)
         assert e.value.status_code == 503
-        c.add_prefill()  # a replacement joins: served again
-        c.wait_ready()
-        prompt = ids(random.Random(5), 50)
-        assert_same(complete(c.client(), prompt), reference, prompt)
-        wait_settled(c.decode.url)
-
-
-def test_decode_killed_while_prefill_busy(tmp_path: Path, reference: LLM) -> None:
-    slow_p = (*FAST_FAIL, *SLOW_PREFILL)
-    with start_cluster("full", tmp_path, FAST_FAIL, slow_p, store_on="prefill") as c:
-        outcomes = run_and_kill(c, kill="decode")
-        for _, result in outcomes:
-            assert isinstance(result, APICompletion | openai.APIConnectionError), repr(result)
-        p = c.prefills[0].url
-        assert healthy(p)
-        wait_settled(p, timeout_s=40)  # handoff holds released after the failed pushes
-        c.start_decode(*FAST_FAIL)  # a new incarnation of d0 pairs with P afresh
+        c.start("prefill")  # a replacement joins: served again
         c.wait_ready()
         prompt = ids(random.Random(6), 50)
         assert_same(complete(c.client(), prompt), reference, prompt)
         wait_settled(c.decode.url)
-        wait_settled(p)
+
+
+@pytest.mark.parametrize("how", ["kill", "freeze", "freeze/by-layer"])
+def test_decode_lost_while_prefill_busy(tmp_path: Path, reference: LLM, how: str) -> None:
+    """D is SIGKILLed (connections reset), or frozen with SIGSTOP (P's sends time out) and
+    SIGKILLed once P settled. P (hosting the store here) releases every hand-off hold."""
+    how, _, transfer = how.partition("/")
+    d_args = (*FAST_FAIL, "--transfer-mode", transfer or "by-request")
+    slow_p = (*FAST_FAIL, *SLOW_PREFILL)
+    with start_cluster("full", tmp_path, d_args, slow_p, store_on="prefill") as c:
+        p, d = c.prefills[0], c.decode
+        failures = metrics(p.url)[FAILURES]
+        if how == "kill":
+            outcomes = flood(c, 8, watch=p, victim=d)
+        else:
+
+            def then() -> None:  # P's pushes time out; then D dies for good
+                wait_settled(p.url, timeout_s=40)
+                d.proc.kill()
+
+            outcomes = flood(c, 8, watch=p, victim=d, sig=signal.SIGSTOP, then=then)
+            assert metrics(p.url)[FAILURES] > failures  # the sends to the frozen D failed
+        for error in assert_completed_same(outcomes, reference):
+            assert isinstance(error, openai.APIConnectionError), repr(error)
+        assert healthy(p.url)
+        wait_settled(p.url, timeout_s=40)
+        if how == "kill":  # a new incarnation of d0 pairs with P afresh
+            c.start("decode", *FAST_FAIL)
+            c.wait_ready()
+            prompt = ids(random.Random(9), 50)
+            assert_same(complete(c.client(), prompt), reference, prompt)
+            wait_settled(c.decode.url)
+            wait_settled(p.url)

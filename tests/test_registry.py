@@ -34,6 +34,9 @@ async def test_joins_leaves_and_silence() -> None:
         wait_for_workers=False,
         timeout=timedelta(seconds=10),
     )
+    ghost = info("ghost")  # registered, then died before anyone started watching
+    store.set(f"instances/{store.add('instances/n', 1) - 1}", ghost.to_json().decode())
+    store.add(f"hb/{ghost.endpoint.key}", 7)
     a = Registry(store, info("a", "decode"), interval_s=0.05, dead_after_s=0.5)
     b = Registry(store, info("b"), interval_s=0.05, dead_after_s=0.5)
     left: list[str] = []
@@ -41,7 +44,13 @@ async def test_joins_leaves_and_silence() -> None:
     async def on_leave(i: InstanceInfo) -> None:
         left.append(i.endpoint.instance_id)
 
+    joined: list[str] = []
+
+    async def on_join(i: InstanceInfo) -> None:
+        joined.append(i.endpoint.instance_id)
+
     a.on_leave.append(on_leave)
+    a.on_join.append(on_join)
     task_a = asyncio.create_task(a.run())
     task_b = asyncio.create_task(b.run())
     await wait_for(lambda: [p.endpoint.instance_id for p in a.live("prefill")] == ["b"])
@@ -63,6 +72,7 @@ async def test_joins_leaves_and_silence() -> None:
         await task_c
     await wait_for(lambda: left == ["b", "c"], timeout_s=3.0)
     assert a.live("prefill") == []
+    assert sorted(joined) == ["b", "c"]  # never the ghost
     task_a.cancel()
     with contextlib.suppress(asyncio.CancelledError):
         await task_a

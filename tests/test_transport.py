@@ -30,6 +30,7 @@ import aiohttp
 import pytest
 
 from memserve.bench.launch import free_port
+from memserve.mempool.pool import adjacent_runs
 
 pytestmark = pytest.mark.slow
 
@@ -248,13 +249,19 @@ async def move(client: Client, m: Move, block_bytes: int) -> Body:
     assert reply["error"] is None, f"{m}: {reply['error']}\n{src.log_tail()}\n{dst.log_tail()}"
     stats = reply["stats"]
     n = len(m.src_blocks)
-    assert stats == {**stats, "num_blocks": n, "num_bytes": n * block_bytes, "num_send_calls": 1}
+    calls = len(adjacent_runs(m.src_blocks, dst_blocks))  # one zero-copy send per run
+    assert stats == {
+        **stats,
+        "num_blocks": n,
+        "num_bytes": n * block_bytes,
+        "num_send_calls": calls,
+    }
     sent = await client.digests(m.src, m.src_tier, m.src_blocks)
     got = await client.digests(m.dst, m.dst_tier, dst_blocks)
     assert got == sent, f"{m} -> {dst_blocks}: destination differs from source"
     await client(m.src, "/test/free_remote", {"peer": dst.peer, "hold": alloc["hold"]})
     zero_copy = _is_run(m.src_blocks) and _is_run(dst_blocks)
-    return {"move": m, "dst_blocks": dst_blocks, "zero_copy": zero_copy}
+    return {"move": m, "dst_blocks": dst_blocks, "zero_copy": zero_copy, "calls": calls}
 
 
 def _moves(rng: random.Random, src: str, dst: str, dev: list[int], dram: list[int]) -> list[Move]:
@@ -289,6 +296,7 @@ async def test_random_block_sets_are_byte_exact_both_ways(
     cluster: Cluster, http: aiohttp.ClientSession
 ) -> None:
     client = Client(http, cluster)
+    free = {name: (await client.info(name))["free"] for name in "AB"}
     sources: dict[str, tuple[list[int], list[int]]] = {}
     for i, name in enumerate("AB"):
         dev = await client.source(name, "src/dev", "device", 24, seed=100 + i)
@@ -306,8 +314,8 @@ async def test_random_block_sets_are_byte_exact_both_ways(
         await asyncio.gather(client("A", "/test/scramble"), client("B", "/test/scramble"))
         moves = _moves(rng, "A", "B", *sources["A"]) + _moves(rng, "B", "A", *sources["B"])
         done += await asyncio.gather(*(move(client, m, SMALL_BLOCK_BYTES) for m in moves))
-    assert any(d["zero_copy"] for d in done)  # the slice path ran (and the gather path did)
-    assert not all(d["zero_copy"] for d in done)
+    assert any(d["zero_copy"] for d in done)  # one send for a whole run, and many runs too
+    assert any(d["calls"] > 1 for d in done)
 
     for name in "AB":
         await _assert_settled(client, name, ["src/dev", "src/dram"])
@@ -315,16 +323,15 @@ async def test_random_block_sets_are_byte_exact_both_ways(
         sent = sum(len(d["move"].src_blocks) for d in done if d["move"].src == name)
         assert after["sent_blocks"] - before[name]["sent_blocks"] == sent
         assert after["send_calls"] - before[name]["send_calls"] == sum(
-            d["move"].src == name for d in done
+            d["calls"] for d in done if d["move"].src == name
         )
         received = after["received_blocks"] - before[name]["received_blocks"]
         assert received == sum(len(d["move"].src_blocks) for d in done if d["move"].dst == name)
         assert after["failed"] == before[name]["failed"]
         for key in ("src/dev", "src/dram"):
             assert (await client(name, "/test/release", {"key": key}))["released"]
-        check = await _assert_settled(client, name)
-        assert check["free_blocks"] == check["total_blocks"]
-        assert (await client.info(name))["free"]["dram"] == 32
+        await _assert_settled(client, name)
+        assert (await client.info(name))["free"] == free[name]  # every block came back
 
 
 async def test_transfer_with_insert_moves_only_missing_blocks(
@@ -346,7 +353,7 @@ async def test_transfer_with_insert_moves_only_missing_blocks(
         stats = reply["stats"]
         assert stats["num_blocks"] == expect_blocks
         assert stats["num_bytes"] == expect_blocks * SMALL_BLOCK_BYTES
-        assert stats["num_send_calls"] == 1
+        assert 1 <= stats["num_send_calls"] <= expect_blocks or expect_blocks == 0
         counters = (await client.info("B"))["counters"]
         assert counters["received_blocks"] - received == expect_blocks
         whole = len(toks) // BLOCK
@@ -373,7 +380,11 @@ async def test_channel_failure_then_repairing_with_the_next_generation(
     src = await client.source("A", "src/gen", "device", 6, seed=400)
     await move(client, Move("A", "B", "device", "device", tuple(src), 6), SMALL_BLOCK_BYTES)
     before = (await client.info("B"))["counters"]["failed"]
-    connects = (await client.info("B"))["num_connects"]
+    info = await client.info("B")
+    connects = info["num_connects"]
+    channels = [k for k in info["channels"] if k.startswith(f"kv/{cluster.procs['A'].key}>")]
+    assert len(channels) == 1
+    gen = int(channels[0].rsplit("/", 1)[1])
 
     alloc = await client("A", "/test/alloc_remote", {"peer": b.peer, "n": 6, "tier": "device"})
     await client("B", "/test/gate", {"name": "recv", "closed": True})
@@ -399,7 +410,11 @@ async def test_channel_failure_then_repairing_with_the_next_generation(
     await client("A", "/test/scramble")
     await client("B", "/test/scramble")
     await move(client, Move("A", "B", "device", "device", tuple(src[::-1]), 8), SMALL_BLOCK_BYTES)
-    assert (await client.info("B"))["num_connects"] > connects  # paired afresh
+    info = await client.info("B")
+    assert info["num_connects"] == connects + 1  # paired afresh ...
+    a_to_b = f"kv/{cluster.procs['A'].key}>{b.key}/"
+    gens = [int(k.rsplit("/", 1)[1]) for k in info["channels"] if k.startswith(a_to_b)]
+    assert gens == [gen + 1]  # ... on the next generation (the failed one is dropped)
     assert (await client("A", "/test/release", {"key": "src/gen"}))["released"]
     for name in "AB":
         await _assert_settled(client, name)
@@ -492,13 +507,43 @@ async def test_restarted_peer_pairs_afresh(cluster: Cluster, http: aiohttp.Clien
         await _assert_settled(client, name)
 
 
+async def test_offer_never_committed_is_reaped(
+    cluster: Cluster, http: aiohttp.ClientSession
+) -> None:
+    """D offers and never commits (as if it died in between, unnoticed): C releases the
+    reserved blocks once the offer expires, and refuses a commit that comes after that."""
+    client = Client(http, cluster)
+    for name in "CD":
+        if cluster.procs[name].proc.poll() is not None:
+            cluster.restart(name)
+    c, d = cluster.procs["C"], cluster.procs["D"]
+    tokens = [random.Random(23).randrange(32000) for _ in range(5 * BLOCK + 1)]
+    t0 = time.monotonic()
+    ticket = await client("D", "/test/offer_only", {"peer": c.peer, "tokens": tokens})
+    assert ticket["num_cached_blocks"] == 0 and ticket["num_blocks"] == 6
+    held = (await client.check("C"))["holds"]
+    assert len(held) == 1 and held[0].startswith("in/")
+
+    async def reaped() -> bool:
+        return not (await client.check("C"))["holds"]
+
+    await client.wait_for("the reaper", reaped, TIMEOUT_S + REAP_INTERVAL_S + 3)
+    took = time.monotonic() - t0
+    assert TIMEOUT_S - 0.2 < took < TIMEOUT_S + REAP_INTERVAL_S + 1.5
+    late = {"src": {"id": "D", "inc": d.inc}, "transfer_id": ticket["transfer_id"]}
+    status, reply = await client.raw("C", "/internal/kv/commit", late)
+    assert status == 502, reply
+    assert (await client("C", "/test/match", {"tokens": tokens}))["num_tokens"] == 0
+    await _assert_settled(client, "C")
+
+
 async def test_sender_killed_receiver_releases_everything(
     cluster: Cluster, http: aiohttp.ClientSession
 ) -> None:
-    """D dies holding three things at C: an offer it never committed (reaped after the
-    timeout), a commit whose data never came (the receive fails), and an ``alloc_remote``
-    allocation (released when the registry reports D gone). C ends with no hold, intact, and
-    nothing of D's prompts in its tree."""
+    """D dies holding three things at C: an offer it never committed, a commit whose data never
+    came (C's receive fails), and an ``alloc_remote`` allocation. C releases all three (the
+    registry reports D gone after ``DEAD_AFTER_S``, before the offer would expire, and
+    ``forget`` drops what D held) and ends intact, with nothing of D's prompts in its tree."""
     client = Client(http, cluster)
     for name in "CD":
         if cluster.procs[name].proc.poll() is not None:

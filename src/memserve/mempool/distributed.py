@@ -42,7 +42,7 @@ import orjson
 import structlog
 import torch
 
-from memserve.mempool.pool import Hold, MemPool, Tier
+from memserve.mempool.pool import Hold, MemPool, Tier, adjacent_runs
 from memserve.transport.channels import Channels, Endpoint, TransferError
 
 log = structlog.get_logger(__name__)
@@ -69,6 +69,7 @@ class Ticket:
     num_cached_blocks: int
     num_blocks: int
     num_parts: int = 1  # 1: the blocks in one send; L: one send per layer (tags tag..tag+L-1)
+    dst_block_ids: tuple[int, ...] = ()  # where the blocks land (the sender plans runs on it)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -82,6 +83,7 @@ class Ticket:
             int(d["num_cached_blocks"]),
             int(d["num_blocks"]),
             int(d.get("num_parts", 1)),
+            tuple(int(b) for b in d.get("dst_block_ids", ())),
         )
 
 
@@ -112,7 +114,6 @@ class _Incoming:
     ticket: Ticket
     insert: bool  # insert the hold's tokens once all data arrived (transfer_with_insert)
     deadline: float
-    dst: list[int] | None = None  # explicit destination blocks (``transfer``), else the hold's
     receiving: bool = False  # the commit came: ``receive`` owns the hold until it returns
     aborted: bool = False  # abandoned while receiving: ``receive`` fails and releases
 
@@ -142,6 +143,11 @@ class DistributedMemPool:
         self._next_tag = 0
         self._session: aiohttp.ClientSession | None = None
         self._reaper: asyncio.Task[None] | None = None
+
+    async def run(self, fn: Callable[[MemPool], T]) -> T:
+        """Run ``fn(pool)`` with exclusive use of the pool (between engine steps)."""
+        result: T = await self._run(fn)
+        return result
 
     async def start(self) -> None:
         self._session = aiohttp.ClientSession(
@@ -214,9 +220,12 @@ class DistributedMemPool:
         if len(blocks) != ticket.num_blocks:
             raise TransferError(f"asked for {ticket.num_blocks} blocks, have {len(blocks)}")
         t0 = time.perf_counter()
-        commit_body = {"src": _ep(self.me), "transfer_id": ticket.transfer_id}
+        runs = self._plan_runs(blocks, ticket, tier)
+        commit_body: dict[str, Any] = {"src": _ep(self.me), "transfer_id": ticket.transfer_id}
+        if runs is not None:
+            commit_body["src_block_ids"] = blocks
         commit = asyncio.ensure_future(self.post(peer, "/internal/kv/commit", commit_body))
-        send = asyncio.ensure_future(self._send(peer, ticket, blocks, tier))
+        send = asyncio.ensure_future(self._send(peer, ticket, blocks, tier, runs))
         try:
             done = await asyncio.shield(asyncio.gather(send, commit, return_exceptions=True))
         except asyncio.CancelledError:
@@ -226,22 +235,46 @@ class DistributedMemPool:
         errors = [r for r in done if isinstance(r, BaseException)]
         if errors:
             self.counters.failed += 1
+            log.warning("transfer failed", transfer_id=ticket.transfer_id, error=str(errors[0]))
             await self._abort_remote(peer, ticket)
             raise TransferError(f"transfer {ticket.transfer_id} failed: {errors[0]}")
-        num_bytes = int(done[0])
-        return TransferStats(len(blocks), num_bytes, int(bool(blocks)), time.perf_counter() - t0)
+        num_bytes, num_calls = done[0]
+        return TransferStats(len(blocks), num_bytes, num_calls, time.perf_counter() - t0)
 
-    async def _send(self, peer: Peer, ticket: Ticket, blocks: list[int], tier: Tier) -> int:
+    def _plan_runs(
+        self, blocks: list[int], ticket: Ticket, tier: Tier
+    ) -> list[tuple[int, int, int]] | None:
+        """Host tensors over gloo: one zero-copy send per run of blocks adjacent on both sides
+        (measured 2.5-5x faster than gathering scattered blocks into a staging tensor and
+        scattering them again, which costs two extra passes and fresh pages). CUDA tensors:
+        None, one gather (device bandwidth makes it cheap; NCCL prefers few large sends)."""
+        on_host = self.pool.caches[tier].data.device.type == "cpu"
+        if not on_host or len(ticket.dst_block_ids) != len(blocks):
+            return None
+        return adjacent_runs(blocks, ticket.dst_block_ids)
+
+    async def _send(
+        self,
+        peer: Peer,
+        ticket: Ticket,
+        blocks: list[int],
+        tier: Tier,
+        runs: list[tuple[int, int, int]] | None,
+    ) -> tuple[int, int]:
+        """Send the blocks; returns (bytes, send calls)."""
         if not blocks:
-            return 0
+            return 0, 0
         data = self.pool.caches[tier].data
-        num_bytes = await self.channels.send(
-            peer.endpoint, ticket.gen, ticket.tag, lambda: _gather(data, blocks)
-        )
+        if runs is None:
+            parts: Callable[[], list[torch.Tensor]] = lambda: [_gather(data, blocks)]  # noqa: E731
+        else:
+            parts = lambda: [data[s : s + n] for s, _, n in runs]  # noqa: E731
+        num_bytes = await self.channels.send_parts(peer.endpoint, ticket.gen, ticket.tag, parts)
+        num_calls = 1 if runs is None else len(runs)
         self.counters.sent_blocks += len(blocks)
         self.counters.sent_bytes += num_bytes
-        self.counters.send_calls += 1
-        return num_bytes
+        self.counters.send_calls += num_calls
+        return num_bytes, num_calls
 
     async def _abort_remote(self, peer: Peer, ticket: Ticket) -> None:
         """Best effort: tell the receiver to drop the transfer (it also times out by itself)."""
@@ -292,9 +325,9 @@ class DistributedMemPool:
         key = key or f"in/{transfer_id}"
         use_cache = self.use_cache
         num_cached = await self._run(lambda pool: pool.reserve(key, tokens, use_cache))
-        num_blocks = -(-len(tokens) // self.pool.block_size) - num_cached
+        dst = self.pool.holds[key].block_ids[num_cached:]
         num_parts = self.pool.caches[Tier.DEVICE].num_layers if by_layer else 1
-        return self._register(src, key, transfer_id, num_cached, num_blocks, insert, num_parts)
+        return self._register(src, key, transfer_id, num_cached, dst, insert, num_parts)
 
     async def expect_blocks(
         self, src: Endpoint, hold_key: str, block_ids: Sequence[int], tier: Tier
@@ -304,12 +337,9 @@ class DistributedMemPool:
         hold = self.pool.holds.get(hold_key)
         if hold is None or not hold_key.startswith(f"alloc/{src.key}/") or hold.tier is not tier:
             raise ValueError(f"no allocation {hold_key!r} of {tier.value} blocks for this sender")
-        if not set(block_ids) <= set(hold.block_ids):
-            raise ValueError("blocks outside the allocation")
-        transfer_id = self._new_id()
-        ticket = self._register(src, hold_key, transfer_id, 0, len(block_ids), insert=False)
-        self._incoming[transfer_id].dst = list(block_ids)
-        return ticket
+        if not set(block_ids) <= set(hold.block_ids) or len(set(block_ids)) != len(block_ids):
+            raise ValueError("destination blocks must be distinct blocks of the allocation")
+        return self._register(src, hold_key, self._new_id(), 0, list(block_ids), insert=False)
 
     async def alloc(self, src: Endpoint, num_blocks: int, tier: Tier) -> tuple[str, list[int]]:
         """``alloc_mem`` for ``src``: a hold of ``num_blocks`` fresh blocks of ``tier``."""
@@ -327,9 +357,12 @@ class DistributedMemPool:
             raise ValueError(f"{hold_key!r} is not an allocation of this sender")
         return bool(await self._run(lambda pool: pool.release(hold_key)))
 
-    async def receive(self, src: Endpoint, transfer_id: str) -> int:
+    async def receive(
+        self, src: Endpoint, transfer_id: str, src_block_ids: Sequence[int] | None = None
+    ) -> int:
         """The commit: receive the ticket's blocks from ``src`` into the hold, then insert them
-        (if asked). Returns the number of blocks received; on failure releases the hold (for
+        (if asked). ``src_block_ids``: the sender's blocks, when it sends one message per run of
+        blocks adjacent on both sides (``_plan_runs``); else one message. Returns the number of blocks received; on failure releases the hold (for
         offers) and raises ``TransferError``."""
         incoming = self._incoming.get(transfer_id)
         if incoming is None or incoming.src != src:
@@ -339,13 +372,16 @@ class DistributedMemPool:
         incoming.receiving = True  # the channel's timeout bounds it from here
         ticket = incoming.ticket
         try:
-            await _finish_even_if_cancelled(self._recv(incoming))
+            await _finish_even_if_cancelled(self._recv(incoming, src_block_ids))
             if incoming.aborted:
                 raise TransferError("abandoned by its owner")
             if incoming.insert:
                 await self._run(lambda pool: pool.insert_hold(incoming.hold_key))
         except BaseException as e:
             self.counters.failed += 1
+            log.warning(
+                "receive failed", transfer_id=transfer_id, src=src.instance_id, error=repr(e)
+            )
             self._gen[src.key] = ticket.gen + 1  # the channel may be broken: pair afresh
             await self._drop_incoming(transfer_id)
             if isinstance(e, asyncio.CancelledError):
@@ -382,7 +418,7 @@ class DistributedMemPool:
         await self._run(
             lambda pool: [pool.release(k) for k in list(pool.holds) if k.startswith(prefix)]
         )
-        self._gen.pop(peer.key, None)
+        self._gen[peer.key] = self._gen.get(peer.key, 0) + 1  # never reuse a channel key
         self.channels.drop(peer)
 
     def _register(
@@ -391,25 +427,34 @@ class DistributedMemPool:
         key: str,
         transfer_id: str,
         num_cached: int,
-        num_blocks: int,
+        dst_block_ids: list[int],
         insert: bool,
         num_parts: int = 1,
     ) -> Ticket:
         gen = self._gen.setdefault(src.key, 0)
-        tag, self._next_tag = self._next_tag, (self._next_tag + num_parts) % (1 << 30)
-        ticket = Ticket(transfer_id, gen, tag, num_cached, num_blocks, num_parts)
+        num_blocks = len(dst_block_ids)
+        # tags for up to one message per block (runs) or per layer
+        tag, self._next_tag = self._next_tag, (self._next_tag + num_blocks + num_parts) % (1 << 30)
+        dst = tuple(dst_block_ids)
+        ticket = Ticket(transfer_id, gen, tag, num_cached, num_blocks, num_parts, dst)
         deadline = time.monotonic() + self.timeout_s
         self._incoming[transfer_id] = _Incoming(src, key, ticket, insert, deadline)
         return ticket
 
-    async def _recv(self, incoming: _Incoming) -> None:
+    async def _recv(self, incoming: _Incoming, src_block_ids: Sequence[int] | None) -> None:
         ticket = incoming.ticket
         if ticket.num_blocks == 0:
             return
         hold = self.pool.holds[incoming.hold_key]
-        dst = incoming.dst or hold.block_ids[ticket.num_cached_blocks :]
+        dst = list(ticket.dst_block_ids)  # the hold's blocks past the cached ones, or as named
         data = self.pool.caches[hold.tier].data
-        if ticket.num_parts == 1:
+        if src_block_ids is not None:  # one message per run, straight into the blocks
+            if len(src_block_ids) != len(dst):
+                raise TransferError(f"{len(src_block_ids)} blocks sent for {len(dst)}")
+            outs = [data[d : d + n] for _, d, n in adjacent_runs(src_block_ids, dst)]
+            await self.channels.recv_parts(incoming.src, ticket.gen, ticket.tag, outs, _noop)
+            num_bytes = sum(o.numel() * o.element_size() for o in outs)
+        elif ticket.num_parts == 1:
             staging = _recv_buffer(data, dst)
             await self.channels.recv(
                 incoming.src, ticket.gen, ticket.tag, staging, lambda out: _scatter(data, dst, out)
@@ -514,6 +559,10 @@ async def _finish_even_if_cancelled(call: Awaitable[None]) -> None:
     except asyncio.CancelledError:
         await asyncio.gather(task, return_exceptions=True)
         raise
+
+
+def _noop(_: int, __: torch.Tensor) -> None:
+    pass
 
 
 def _ep(endpoint: Endpoint) -> dict[str, str]:

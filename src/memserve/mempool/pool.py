@@ -384,11 +384,11 @@ class MemPool:
         if src_data.device.type != "cpu" or dst_data.device.type != "cpu":
             self.write_blocks(dst, self.read_blocks(src, src_tier), dst_tier)
             return
-        for s, d, n in _runs(src, dst):
+        for s, d, n in adjacent_runs(src, dst):
             dst_data[d : d + n].copy_(src_data[s : s + n])
 
 
-def _runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
+def adjacent_runs(src: Sequence[int], dst: Sequence[int]) -> list[tuple[int, int, int]]:
     """``(src_start, dst_start, length)`` of the maximal runs where both ids go up by one."""
     runs: list[tuple[int, int, int]] = []
     for s, d in zip(src, dst, strict=True):

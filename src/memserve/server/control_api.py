@@ -30,7 +30,7 @@ from memserve.engine.llm_engine import LLMEngine
 from memserve.engine.types import EngineOverloadedError
 from memserve.mempool.block_allocator import NoFreeBlocksError
 from memserve.mempool.distributed import DistributedMemPool, endpoint_from
-from memserve.mempool.pool import Tier
+from memserve.mempool.pool import MemPool, Tier
 from memserve.server.errors import APIError, bad_request
 from memserve.server.openai_api import read_json_object
 from memserve.transport.channels import TransferError
@@ -45,11 +45,14 @@ Body = dict[str, Any]
 def add_control_routes(
     app: web.Application,
     dmp: DistributedMemPool,
-    engine: AsyncEngine,
+    engine: AsyncEngine | None = None,
     prefill: PrefillWorker | None = None,
 ) -> None:
+    """The routes of ``dmp`` (and of ``prefill`` on a prefill instance). ``/internal/check`` runs
+    the engine's check when ``engine`` is given, else the pool's (a pool-only process)."""
     app[DMP] = dmp
-    app[ENGINE] = engine
+    if engine is not None:
+        app[ENGINE] = engine
     app.router.add_post("/internal/check", _check)
     routes: dict[str, Callable[[DistributedMemPool, Body], Awaitable[Body]]] = {
         "offer": _offer,
@@ -80,19 +83,27 @@ async def _check(request: web.Request) -> web.Response:
     """Run the block conservation check between two steps (tests, operators): 200 with the
     in-flight holds and block counts, or 500 naming the violation."""
 
-    def check(engine: LLMEngine) -> Body:
-        engine.check_integrity()
-        pool = engine.pool
+    def check(pool: MemPool, engine: LLMEngine | None) -> Body:
+        if engine is not None:
+            engine.check_integrity()
+        else:
+            pool.check_integrity()
+        running = 0 if engine is None else engine.num_waiting + len(engine.scheduler.running)
         return {
             "holds": sorted(pool.holds),
-            "running": len(engine.scheduler.running) + len(engine.scheduler.waiting),
+            "running": running,
             "free_blocks": pool.num_free(Tier.DEVICE),
             "total_blocks": pool.num_blocks(Tier.DEVICE),
             "historical_blocks": pool.num_historical(Tier.DEVICE),
         }
 
+    engine = request.app.get(ENGINE)
     try:
-        return _reply(await request.app[ENGINE].call(check))
+        if engine is not None:
+            body = await engine.call(lambda e: check(e.pool, e))
+        else:
+            body = await request.app[DMP].run(lambda pool: check(pool, None))
+        return _reply(body)
     except AssertionError as e:
         raise APIError(500, f"integrity check failed: {e}", type="server_error") from e
 
@@ -131,7 +142,11 @@ async def _expect(dmp: DistributedMemPool, body: Body) -> Body:
 
 
 async def _commit(dmp: DistributedMemPool, body: Body) -> Body:
-    num_blocks = await dmp.receive(endpoint_from(body["src"]), str(body["transfer_id"]))
+    src_ids = body.get("src_block_ids")
+    src_block_ids = None if src_ids is None else [int(b) for b in src_ids]
+    num_blocks = await dmp.receive(
+        endpoint_from(body["src"]), str(body["transfer_id"]), src_block_ids
+    )
     return {"num_blocks": num_blocks}
 
 

@@ -87,6 +87,7 @@ class Channels:
         self.me = me
         self.timeout = timedelta(seconds=timeout_s)
         self._groups: dict[str, _Group] = {}
+        self._retired: set[str] = set()  # keys of failed or dropped channels: never reused
         self._lock = threading.Lock()
         self._executor = ThreadPoolExecutor(max_threads, thread_name_prefix="kv-channel")
         self.num_connects = 0  # counter: process groups built
@@ -98,7 +99,14 @@ class Channels:
     ) -> int:
         """Send ``make()`` (built in the worker thread, e.g. a gather) to ``dst`` on channel
         ``me > dst`` generation ``gen``. Returns the bytes sent; raises ``TransferError``."""
-        return await self._run(lambda: self._send(dst, gen, tag, make))
+        return await self.send_parts(dst, gen, tag, lambda: [make()])
+
+    async def send_parts(
+        self, dst: Endpoint, gen: int, tag: int, make: Callable[[], Sequence[torch.Tensor]]
+    ) -> int:
+        """Send each tensor of ``make()`` with tag ``tag + i``, all posted at once (e.g. one
+        zero-copy slice per run of adjacent blocks), and wait for all. Returns the bytes sent."""
+        return await self._run(lambda: self._send_parts(dst, gen, tag, make))
 
     async def recv(
         self,
@@ -165,6 +173,7 @@ class Channels:
             for key in list(self._groups):
                 if peer.key in key.split("/")[1].split(">"):
                     del self._groups[key]
+                    self._retired.add(key)
 
     def close(self) -> None:
         with self._lock:
@@ -182,16 +191,20 @@ class Channels:
         except RuntimeError as e:  # gloo: connection closed, timeout, ...
             raise TransferError(str(e).splitlines()[0][:300]) from e
 
-    def _send(self, dst: Endpoint, gen: int, tag: int, make: Callable[[], torch.Tensor]) -> int:
+    def _send_parts(
+        self, dst: Endpoint, gen: int, tag: int, make: Callable[[], Sequence[torch.Tensor]]
+    ) -> int:
         key = self._key(dst, gen, outgoing=True)
         pg = self._group(key, rank=0)
-        tensor = make().contiguous()
+        tensors = [t.contiguous() for t in make()]
         try:
-            pg.send([tensor], 1, tag).wait(self.timeout)
+            works = [pg.send([t], 1, tag + i) for i, t in enumerate(tensors)]
+            for work in works:
+                work.wait(self.timeout)
         except RuntimeError:
             self._forget(key)
             raise
-        return tensor.numel() * tensor.element_size()
+        return sum(t.numel() * t.element_size() for t in tensors)
 
     def _recv_parts(
         self,
@@ -221,6 +234,8 @@ class Channels:
     def _group(self, key: str, rank: int) -> _Backend:
         """The connected group for ``key``, connecting it (once, whoever asks first) if new."""
         with self._lock:
+            if key in self._retired:
+                raise TransferError(f"channel {key} failed before; pair on a new generation")
             group = self._groups.get(key)
             owner = group is None
             if group is None:
@@ -249,5 +264,8 @@ class Channels:
         return dist.ProcessGroupGloo(store, rank, 2, self.timeout)
 
     def _forget(self, key: str) -> None:
+        """A channel failed: never build that key again (the store still holds its old
+        rendezvous entries; a rebuilt group could connect to a stale pair)."""
         with self._lock:
             self._groups.pop(key, None)
+            self._retired.add(key)

@@ -64,6 +64,7 @@ class Registry:
         self.dead_after_s = dead_after_s
         self._store: Store = store.clone()  # type: ignore[attr-defined]  # torch's stub lacks it
         self._seen = 0  # entries of instances/* read so far
+        self._all: dict[str, InstanceInfo] = {}  # every other registered, not cleanly gone
         self._beats: dict[str, tuple[int, float]] = {}  # endpoint key -> (counter, when it moved)
         self.peers: dict[str, InstanceInfo] = {}  # live peers by endpoint key
         self.on_join: list[Callable[[InstanceInfo], Awaitable[None]]] = []
@@ -82,15 +83,14 @@ class Registry:
         try:
             while True:
                 try:
-                    joined, left = await asyncio.to_thread(self._tick, list(self.peers.values()))
+                    alive = await asyncio.to_thread(self._tick)
                 except RuntimeError as e:  # the store is unreachable: keep what we know, retry
                     log.warning("rendezvous store unreachable", error=str(e))
                     await asyncio.sleep(self.interval_s)
                     continue
-                for info in joined:
-                    self.peers[info.endpoint.key] = info
-                for info in left:
-                    self.peers.pop(info.endpoint.key, None)
+                joined = [info for key, info in alive.items() if key not in self.peers]
+                left = [info for key, info in self.peers.items() if key not in alive]
+                self.peers = alive
                 for info in joined:
                     await self._notify(self.on_join, info, "instance joined")
                 for info in left:
@@ -118,31 +118,35 @@ class Registry:
         with contextlib.suppress(RuntimeError):  # the store's host is gone already
             self._store.add(self._hb(self.me), _GONE)
 
-    def _tick(self, known: list[InstanceInfo]) -> tuple[list[InstanceInfo], list[InstanceInfo]]:
-        """Beat once, read new registrations and the ``known`` peers' counters (worker thread:
-        touches only the store and ``_beats``; the event loop applies the result to ``peers``)."""
+    def _tick(self) -> dict[str, InstanceInfo]:
+        """Beat once, read new registrations and every peer's counter; return the live peers.
+        A peer is live while its counter moved within ``dead_after_s`` (and is not negative):
+        one first seen counts only once its counter moves, so an instance that died before we
+        started is never reported, and one silent for a while comes back when it beats again.
+        Worker thread: touches only the store, ``_all`` and ``_beats``."""
         store = self._store
         store.add(self._hb(self.me), 1)
-        joined: list[InstanceInfo] = []
         for index in range(self._seen, store.add("instances/n", 0)):
             info = InstanceInfo.from_json(store.get(f"instances/{index}"))
             self._seen = index + 1
-            if info.endpoint != self.me.endpoint and store.add(self._hb(info), 0) >= 0:
-                self._beats[info.endpoint.key] = (-1, time.monotonic())
-                joined.append(info)
-        left = [info for info in known if not self._alive(info)]
-        for info in left:
-            del self._beats[info.endpoint.key]
-        return joined, left
-
-    def _alive(self, info: InstanceInfo) -> bool:
-        count = self._store.add(self._hb(info), 0)
+            if info.endpoint != self.me.endpoint:
+                self._all[info.endpoint.key] = info
         now = time.monotonic()
-        last, since = self._beats[info.endpoint.key]
-        if count != last:
-            self._beats[info.endpoint.key] = (count, now)
-            since = now
-        return count >= 0 and now - since < self.dead_after_s
+        alive: dict[str, InstanceInfo] = {}
+        for key, info in list(self._all.items()):
+            count = store.add(self._hb(info), 0)
+            if count < 0:  # left cleanly: never comes back under this incarnation
+                del self._all[key]
+                self._beats.pop(key, None)
+                continue
+            last = self._beats.get(key)
+            if last is None:  # first sight: wait for a move
+                self._beats[key] = (count, float("-inf"))
+            elif count != last[0]:
+                self._beats[key] = (count, now)
+            if now - self._beats[key][1] < self.dead_after_s:
+                alive[key] = info
+        return alive
 
     @staticmethod
     def _hb(info: InstanceInfo) -> str:
