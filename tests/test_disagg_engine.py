@@ -10,9 +10,12 @@ only blocks D lacks move; every hold is accounted for by ``check_integrity`` and
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import random
+import threading
 import time
+from typing import cast
 
 import pytest
 
@@ -26,12 +29,15 @@ from engine_fixtures import (  # noqa: F401 - fixtures
     make_engine_fixture,
     tiny_fixture,
 )
-from memserve.engine.disagg import params_from_json, params_to_json, prefill_params
+from memserve.engine.async_engine import AsyncEngine
+from memserve.engine.disagg import PrefillWorker, params_from_json, params_to_json, prefill_params
 from memserve.engine.kv_manager import hand_off_key
 from memserve.engine.llm_engine import LLMEngine
-from memserve.engine.types import Prefilled, SamplingParams
+from memserve.engine.types import Prefilled, RequestOutput, SamplingParams
 from memserve.mempool.block_allocator import NoFreeBlocksError
+from memserve.mempool.distributed import DistributedMemPool, Ticket
 from memserve.mempool.pool import Tier
+from memserve.transport.channels import TransferError
 
 BS = 8
 GREEDY = SamplingParams(temperature=0, logprobs=5, ignore_eos=True, max_tokens=7)
@@ -201,3 +207,128 @@ def test_sampling_params_round_trip_through_json() -> None:
         max_tokens=9, temperature=0.5, top_k=4, stop=("a", "bc"), stop_token_ids=(7,), logprobs=2
     )
     assert params_from_json(params_to_json(params)) == params
+
+
+# ---- hand-off holds are released on every path (the async engine and the prefill worker) -------
+
+
+class _StuckDecode:
+    """Stands in for the DistributedMemPool of a prefill worker: ``push`` fails or never ends."""
+
+    def __init__(self) -> None:
+        self.entered = asyncio.Event()
+        self.fail = asyncio.Event()
+
+    async def push(self, *_: object) -> None:
+        self.entered.set()
+        await self.fail.wait()
+        raise TransferError("the decode instance is gone")
+
+
+def _checked_holds(engine: LLMEngine) -> list[str]:
+    engine.check_integrity()
+    return sorted(engine.pool.holds)
+
+
+async def _holds(engine: AsyncEngine) -> list[str]:
+    await asyncio.sleep(0.05)  # let queued releases run
+    return await engine.call(_checked_holds)
+
+
+async def test_stream_closed_during_the_finishing_step_releases_the_hand_off(
+    make_engine: EngineFactory,
+) -> None:
+    llm = make_engine(num_blocks=32, block_size=BS)
+    in_step, go = threading.Event(), threading.Event()
+    real_step = llm.step
+
+    def step() -> list[RequestOutput]:  # hold the one step until the consumer has gone
+        in_step.set()
+        go.wait(10)
+        return real_step()
+
+    llm.step = step  # type: ignore[method-assign]
+    engine = AsyncEngine(llm)
+    engine.start()
+
+    async def consume() -> None:
+        async for _ in engine.generate("r", tokens(20, seed=1), prefill_params(GREEDY), True):
+            pass
+
+    task = asyncio.create_task(consume())
+    await asyncio.to_thread(in_step.wait, 10)
+    task.cancel()  # e.g. aiohttp cancels /internal/prefill: the decode instance went away
+    await asyncio.gather(task, return_exceptions=True)
+    go.set()
+    assert await _holds(engine) == []
+    await engine.stop()
+
+
+@pytest.mark.parametrize("fail", [True, False], ids=["push fails", "cancelled in push"])
+async def test_prefill_worker_releases_its_hand_off(make_engine: EngineFactory, fail: bool) -> None:
+    engine = AsyncEngine(make_engine(num_blocks=32, block_size=BS))
+    engine.start()
+    decode = _StuckDecode()
+    worker = PrefillWorker(engine, cast(DistributedMemPool, decode))
+    body = {
+        "decode": {"id": "d0", "inc": "x", "url": "http://127.0.0.1:1"},
+        "request_id": "r",
+        "ticket": Ticket("t", 0, 0, 0, 3).to_dict(),
+        "params": params_to_json(GREEDY),
+        "prompt_token_ids": tokens(40, seed=2),
+    }
+    task = asyncio.create_task(worker.prefill(body))
+    await decode.entered.wait()
+    assert await engine.call(lambda e: sorted(e.pool.holds)) == ["out/d0/r"]
+    if fail:
+        decode.fail.set()
+    else:
+        task.cancel()  # the handler is cancelled while its push waits
+    results: list[object] = await asyncio.gather(task, return_exceptions=True)
+    assert isinstance(results[0], TransferError if fail else asyncio.CancelledError)
+    assert await _holds(engine) == []
+    await engine.stop()
+
+
+async def test_prefill_worker_cancelled_while_releasing_still_releases(
+    make_engine: EngineFactory,
+) -> None:
+    """The handler is cancelled after the push failed, while the release waits for the engine
+    (busy in a step): the release must happen anyway."""
+    llm = make_engine(num_blocks=32, block_size=BS)
+    engine = AsyncEngine(llm)
+    engine.start()
+    decode = _StuckDecode()
+    worker = PrefillWorker(engine, cast(DistributedMemPool, decode))
+    body = {
+        "decode": {"id": "d0", "inc": "x", "url": "http://127.0.0.1:1"},
+        "request_id": "r",
+        "ticket": Ticket("t", 0, 0, 0, 3).to_dict(),
+        "params": params_to_json(GREEDY),
+        "prompt_token_ids": tokens(40, seed=2),
+    }
+    task = asyncio.create_task(worker.prefill(body))
+    await decode.entered.wait()
+    in_step, go = threading.Event(), threading.Event()
+    real_step = llm.step
+
+    def step() -> list[RequestOutput]:
+        in_step.set()
+        go.wait(10)
+        return real_step()
+
+    llm.step = step  # type: ignore[method-assign]
+    busy = engine.generate("busy", tokens(10, seed=3), GREEDY)
+    first = asyncio.ensure_future(anext(busy))
+    await asyncio.to_thread(in_step.wait, 10)  # the engine is inside a step now
+    decode.fail.set()  # the push fails; the worker's finally submits the release
+    while not any(type(item).__name__ == "_Call" for item in engine._pending):  # noqa: ASYNC110  (polls a private queue)
+        await asyncio.sleep(0.001)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    go.set()
+    await first
+    async for _ in busy:
+        pass
+    assert await _holds(engine) == []
+    await engine.stop()

@@ -60,7 +60,8 @@ def cluster(
 ) -> Iterator[Cluster]:
     mode, _, transfer = str(request.param).partition("/")
     d_args = ("--transfer-mode", transfer) if transfer else ()
-    with start_cluster(mode, tmp_path_factory.mktemp(f"pd-{mode}"), d_args) as c:
+    log_dir = tmp_path_factory.mktemp("pd-" + str(request.param).replace("/", "-"))
+    with start_cluster(mode, log_dir, d_args) as c:
         yield c
 
 

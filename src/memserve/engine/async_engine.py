@@ -20,6 +20,7 @@ from typing import Any, TypeVar
 
 import structlog
 
+from memserve.engine.kv_manager import hand_off_key
 from memserve.engine.llm_engine import LLMEngine
 from memserve.engine.request import LayerSink
 from memserve.engine.types import EngineOverloadedError, Prefilled, RequestOutput, SamplingParams
@@ -47,7 +48,7 @@ class _Call:
     """Run ``fn(engine)`` between steps and complete ``future`` with its result."""
 
     fn: Callable[[LLMEngine], Any]
-    future: asyncio.Future[Any]
+    future: asyncio.Future[Any] | None  # None: nobody waits (the result is dropped)
 
 
 class AsyncEngine:
@@ -117,6 +118,11 @@ class AsyncEngine:
         future: asyncio.Future[T] = asyncio.get_running_loop().create_future()
         self._submit(_Call(fn, future))
         return await future
+
+    def release_soon(self, hold_key: str) -> None:
+        """Release an in-flight hold between the next two steps. Synchronous, so a caller
+        being cancelled (a ``finally`` in a handler) cannot drop it, unlike an awaited ``call``."""
+        self._submit(_Call(lambda e: e.pool.release(hold_key), None))
 
     async def _stream(self, item: _Add) -> AsyncIterator[RequestOutput]:
         request_id, params = item.request_id, item.params
@@ -215,12 +221,18 @@ class AsyncEngine:
                 self._add_now(item)
 
     def _call_now(self, item: _Call) -> None:
-        if item.future.cancelled():
+        future = item.future
+        if future is not None and future.cancelled():
             return
         try:
-            item.future.set_result(item.fn(self.engine))
+            result = item.fn(self.engine)
         except Exception as e:  # the caller's to handle (e.g. no room for a transfer)
-            item.future.set_exception(e)
+            if future is None:
+                raise  # nobody to tell: an engine bug
+            future.set_exception(e)
+        else:
+            if future is not None:
+                future.set_result(result)
 
     def _add_now(self, item: _Add) -> None:
         engine = self.engine
@@ -249,6 +261,9 @@ class AsyncEngine:
     def _abort_now(self, request_id: str) -> None:
         self._queues.pop(request_id, None)
         self.engine.abort_request(request_id)
+        # A keep_kv request that finished in the step during which its consumer left: nobody
+        # saw its final output, so nobody will release its hand-off.
+        self.engine.pool.release(hand_off_key(request_id))
 
     def _dispatch(self, outputs: list[RequestOutput]) -> None:
         for out in outputs:

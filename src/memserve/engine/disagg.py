@@ -106,7 +106,11 @@ class PrefillWorker:
         request_id = f"{decode.endpoint.instance_id}/{body['request_id']}"
         sink = None
         if ticket.num_parts > 1:  # by layer: the decode side is receiving already
-            await self.dmp.channels.connect(decode.endpoint, ticket.gen, outgoing=True)
+            try:
+                await self.dmp.channels.connect(decode.endpoint, ticket.gen, outgoing=True)
+            except TransferError:
+                self.dmp.counters.failed += 1
+                raise
             sink = LayerSender(self.dmp, decode.endpoint, ticket)
         final: RequestOutput | None = None
         stream = self.engine.generate(request_id, prompt, prefill_params(params), True, sink)
@@ -122,7 +126,7 @@ class PrefillWorker:
                 hold = await self.engine.call(lambda e: e.pool.holds[key])
                 stats = await self.dmp.push(decode, ticket, hold.block_ids)
         finally:
-            await self.engine.call(lambda e: e.pool.release(key))
+            self.engine.release_soon(key)
         state = final.sampler_state
         return {
             "first_token": final.new_token_ids[0],
@@ -302,7 +306,7 @@ class DecodeFront:
         except (TransferError, EngineOverloadedError) as e:
             log.warning("send-back failed", request_id=request_id, peer=peer.url, error=str(e))
         finally:
-            await self.engine.call(lambda e: e.pool.release(key))
+            self.engine.release_soon(key)
 
 
 def _whole_blocks(pool: MemPool, key: str) -> tuple[list[int], list[int]]:

@@ -407,7 +407,7 @@ class DistributedMemPool:
         elif incoming is not None:
             await self._drop_incoming(transfer_id)
         elif not hold_key.startswith("alloc/"):
-            await self._run(lambda pool: pool.release(hold_key))
+            await self._release(hold_key)
 
     async def forget(self, peer: Endpoint) -> None:
         """``peer`` left: release every hold kept for it and drop its channels."""
@@ -483,7 +483,7 @@ class DistributedMemPool:
         incoming = self._incoming.pop(transfer_id, None)
         if incoming is not None and not incoming.hold_key.startswith("alloc/"):
             key = incoming.hold_key
-            await self._run(lambda pool: pool.release(key))
+            await self._release(key)
 
     async def _reap(self) -> None:
         """Release offers whose commit never came (the sender died between the two calls)."""
@@ -496,6 +496,11 @@ class DistributedMemPool:
                         "transfer expired", transfer_id=transfer_id, src=incoming.src.instance_id
                     )
                     await self._drop_incoming(transfer_id)
+
+    async def _release(self, key: str) -> None:
+        """Release a hold even if the caller is cancelled while it waits for the engine (the
+        shielded call still runs between two steps)."""
+        await asyncio.shield(self._run(lambda pool: pool.release(key)))
 
     def _new_id(self) -> str:
         return f"{self.me.instance_id}:{next(self._ids)}"
@@ -534,11 +539,18 @@ class LayerSender:
 
     async def wait(self) -> TransferStats:
         t0 = time.perf_counter()
-        if self.error is not None:
-            raise self.error
-        if len(self._works) != (self.ticket.num_parts if self.ticket.num_blocks else 0):
-            raise TransferError(f"{len(self._works)} of {self.ticket.num_parts} layers were sent")
-        await self.dmp.channels.wait_sends(self.dst, self.ticket.gen, self._works)
+        try:
+            if self.error is not None:
+                raise self.error
+            if len(self._works) != (self.ticket.num_parts if self.ticket.num_blocks else 0):
+                raise TransferError(f"{len(self._works)} of {self.ticket.num_parts} layers sent")
+            await self.dmp.channels.wait_sends(self.dst, self.ticket.gen, self._works)
+        except TransferError as e:
+            self.dmp.counters.failed += 1
+            log.warning(
+                "by-layer transfer failed", transfer_id=self.ticket.transfer_id, error=str(e)
+            )
+            raise
         num_bytes = sum(p.numel() * p.element_size() for p in self._tensors)
         counters = self.dmp.counters
         counters.sent_blocks += self.ticket.num_blocks
