@@ -11,23 +11,25 @@ until the receiver has the bytes. For each request size (tokens, in blocks of ``
 - **ours, adjacent**: ``await DistributedMemPool.transfer(...)`` of blocks adjacent on both sides
   (one slice sent and received in place: no copy), both control round trips included
   (``/internal/kv/expect``, then ``/internal/kv/commit``, whose answer says the data is in);
-- **ours, scattered**: the same with random block sets on both sides (one gather into a staging
-  tensor at the sender, one scatter from a staging tensor at the receiver);
+- **ours, scattered**: the same with random block sets on both sides: host tensors are sent as
+  one zero-copy message per run of blocks adjacent on both sides (``adjacent_runs``), received
+  straight into the pool (with random sets nearly every block is its own run);
+- **staging**: ``transfer`` of the same scattered sets down the path ``src/`` keeps for CUDA
+  tensors (and took for host tensors before): gather into a new staging tensor, one send,
+  receive into a new staging tensor, scatter. Forced here by planning no runs at the sender
+  (``_StagingDmp``); the receiver's code is the real one;
 - **baseline**: an unaggregated layout (one page per block, layer and K/V, as with per-layer KV
   tensors): ``2 * layers * blocks`` sends of one page each, all posted at once (its best case).
-  Slow, so only at ``--baseline-tokens``;
-- two **what-ifs** for scattered blocks (not what ``src/`` does): *pipelined* (gather chunks of
-  ``--chunk-mib`` into two reused buffers, posting each chunk's send as soon as it is gathered;
-  the receiver scatters each chunk as it lands) and *per run* (no staging: one zero-copy send per
-  run of blocks adjacent on both sides, received straight into the pool).
+  Slow, so only at ``--baseline-tokens``.
 
 Cases are interleaved round by round (so a drifting load hits them alike), the first round is a
 warm-up, and the table reports medians over ``--repeats`` rounds with the ratio raw time / case
 time. A profile follows: raw's send alone, raw into a fresh tensor each time, an empty control
-round trip, and the gather and scatter alone (into fresh tensors, as ``transfer`` does, and into
-a reused buffer).
+round trip, and the staging path's gather and scatter alone (into fresh tensors, as it does, and
+into a reused buffer).
 
-The defaults take a few minutes on 2 cores and need ~4 GiB of RAM (32K tokens of 16 KiB).
+The defaults (5 rounds) take about a minute on 2 cores and need ~4 GiB of RAM (32K tokens of
+16 KiB).
 """
 
 from __future__ import annotations
@@ -47,7 +49,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import Any, TypeVar, cast
+from typing import Any, TypeVar
 
 import aiohttp
 import orjson
@@ -55,11 +57,9 @@ import torch
 from aiohttp import web
 from torch._C._distributed_c10d import TCPStore
 
-from memserve.engine.async_engine import AsyncEngine
-from memserve.engine.types import EngineOverloadedError
-from memserve.mempool.distributed import DistributedMemPool, Peer
+from memserve.mempool.distributed import DistributedMemPool, Peer, Ticket
 from memserve.mempool.kv_cache import KVCache
-from memserve.mempool.pool import MemPool, Tier, _runs
+from memserve.mempool.pool import MemPool, Tier, adjacent_runs
 from memserve.server.control_api import add_control_routes
 from memserve.server.errors import error_middleware
 from memserve.transport.channels import Channels, Endpoint
@@ -119,17 +119,9 @@ def _page_ids(shape: Shape, blocks: Sequence[int]) -> list[int]:
 # ---- receiver process -----------------------------------------------------------------------
 
 
-class _NoEngine:
-    """``add_control_routes`` takes the node's ``AsyncEngine`` for ``/internal/check`` only;
-    this pool-only receiver has none."""
-
-    async def call(self, fn: Callable[[Any], T]) -> T:
-        raise EngineOverloadedError("no engine in the benchmark's receiver")
-
-
 class Receiver:
     """The ``--serve`` process: a pool, the control API, and ``/bench/recv`` for the cases that
-    are not ``transfer`` (raw, baseline, what-ifs), on the same process group."""
+    are not ``transfer`` (raw, baseline), on the same process group."""
 
     def __init__(self, args: argparse.Namespace, shape: Shape) -> None:
         self.store = TCPStore("127.0.0.1", args.store_port, is_master=False,
@@ -146,7 +138,7 @@ class Receiver:
 
     def app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware], client_max_size=1 << 26)
-        add_control_routes(app, self.dmp, cast(AsyncEngine, _NoEngine()))
+        add_control_routes(app, self.dmp)
         app.router.add_post("/bench/info", _json_route(self.info))
         app.router.add_post("/bench/ping", _json_route(self.ping))
         app.router.add_post("/bench/recv", _json_route(self.recv))
@@ -177,14 +169,11 @@ class Receiver:
         (``tag``), receive, then answer with one element (the tag after the messages).
 
         - ``raw``: ``nbytes`` into one tensor (a new one if ``fresh``, as ``transfer`` does);
-        - ``pages``: one message per page, straight into the pool's pages;
-        - ``runs``: one message per run of blocks, straight into the pool;
-        - ``pipelined``: chunks of blocks into two reused buffers in turn, each scattered into
-          the pool as it lands."""
+        - ``pages``: one message per page, straight into the pool's pages."""
         src = Endpoint(str(body["src"]["id"]), str(body["src"]["inc"]))
         pg = self.channels._group(self.channels._key(src, int(body["gen"]), False), rank=1)
         tag, kind = int(body["tag"]), str(body["kind"])
-        data, pages = self.cache.data, self.cache.pages
+        pages = self.cache.pages
         ack = torch.zeros(1, dtype=torch.uint8)
         timeout = timedelta(seconds=TIMEOUT_S)
 
@@ -198,26 +187,6 @@ class Receiver:
 
             return finish
 
-        def pipelined(chunks: list[torch.Tensor]) -> Callable[[], int]:
-            size = max(len(c) for c in chunks)
-            shape = (size, *data.shape[1:])
-            bufs = [self._buffer(f"chunk{k}", shape, data.dtype) for k in range(2)]
-
-            def post(k: int) -> Any:
-                return pg.recv([bufs[k % 2][: len(chunks[k])]], 0, tag + 1 + k)
-
-            works = [post(k) for k in range(min(2, len(chunks)))]
-
-            def finish() -> int:
-                for k, index in enumerate(chunks):
-                    works[k].wait(timeout)
-                    data.index_copy_(0, index, bufs[k % 2][: len(index)])
-                    if k + 2 < len(chunks):
-                        works.append(post(k + 2))
-                return len(chunks)
-
-            return finish
-
         def receive() -> None:
             if kind == "raw":
                 shape = (int(body["nbytes"]),)
@@ -228,10 +197,6 @@ class Receiver:
                 )
             elif kind == "pages":
                 finish = post_all([pages[int(p)] for p in body["pages"]])
-            elif kind == "runs":
-                finish = post_all([data[int(d) : int(d) + int(n)] for d, n in body["runs"]])
-            elif kind == "pipelined":
-                finish = pipelined([torch.tensor(c, dtype=torch.long) for c in body["chunks"]])
             else:
                 raise ValueError(f"unknown kind {kind!r}")
             pg.send([ack], 0, tag).wait(timeout)  # ready: every receive is posted
@@ -263,6 +228,7 @@ class Row:
     mib: float
     num_runs: int  # runs of blocks adjacent on both sides in the scattered sets
     ms: dict[str, float]  # median per case: raw, raw_fresh, adjacent, scattered, ...
+    calls: dict[str, int]  # send calls per request, per case (ours: as ``transfer`` reports)
     runs_ms: dict[str, list[float]]  # every timed run per case
     raw_send_ms: float  # the sender's send().wait() alone (the receiver may still be reading)
     ping_ms: float
@@ -278,8 +244,18 @@ class Row:
         """raw time / case time: the fraction of raw throughput the case reaches."""
         return self.ms["raw"] / self.ms[case] if case in self.ms else None
 
-    def send_calls(self, case: str, shape: Shape) -> int:
-        return {"baseline": 2 * shape.layers * self.blocks, "runs": self.num_runs}.get(case, 1)
+
+class _StagingDmp(DistributedMemPool):
+    """``transfer`` that plans no runs when ``staging`` is set: the sender gathers into one
+    staging tensor and the receiver (real code) receives into staging and scatters, the path
+    ``src/`` keeps for CUDA tensors."""
+
+    staging = False
+
+    def _plan_runs(
+        self, blocks: list[int], ticket: Ticket, tier: Tier
+    ) -> list[tuple[int, int, int]] | None:
+        return None if self.staging else super()._plan_runs(blocks, ticket, tier)
 
 
 class Sender:
@@ -297,11 +273,10 @@ class Sender:
         async def run(fn: Callable[[MemPool], T]) -> T:
             return fn(self.pool)
 
-        self.dmp = DistributedMemPool(self.pool, self.channels, run, TIMEOUT_S)
+        self.dmp = _StagingDmp(self.pool, self.channels, run, TIMEOUT_S)
         self.rng = random.Random(args.seed)
         self._tag = RAW_TAGS
         self._gen = 0
-        self._staging: list[torch.Tensor] = []  # the pipelined what-if's two buffers
         self._session: aiohttp.ClientSession | None = None
 
     async def post(self, path: str, body: Body) -> Body:
@@ -344,7 +319,7 @@ class Sender:
         adjacent_dst, adjacent_src = _adjacent(ids, n), list(range(n))
         scattered_dst = self.rng.sample(ids, n)
         scattered_src = self.rng.sample(range(self.args.blocks), n)
-        runs = _runs(scattered_src, scattered_dst)
+        runs = adjacent_runs(scattered_src, scattered_dst)
         tensor = torch.full((nbytes,), 7, dtype=torch.uint8)
         raw_send: list[float] = []
 
@@ -355,16 +330,19 @@ class Sender:
                 raw_send.append(send)
             return total
 
-        async def ours(src: list[int], dst: list[int]) -> float:
-            t0 = time.perf_counter()
-            stats = await self.dmp.transfer(self.peer, src, hold, dst)
-            took = time.perf_counter() - t0
-            assert stats.num_send_calls == 1 and stats.num_blocks == n
-            return took
+        calls = {"raw": 1, "raw_fresh": 1, "baseline": 2 * shape.layers * n}
 
-        async def by_runs() -> float:
-            body = {"kind": "runs", "runs": [[d, k] for _, d, k in runs]}
-            return (await self._gloo(body, [self.data[s : s + k] for s, _, k in runs]))[0]
+        async def ours(case: str, src: list[int], dst: list[int], staging: bool = False) -> float:
+            self.dmp.staging = staging
+            try:
+                t0 = time.perf_counter()
+                stats = await self.dmp.transfer(self.peer, src, hold, dst)
+                took = time.perf_counter() - t0
+            finally:
+                self.dmp.staging = False
+            assert stats.num_blocks == n and stats.num_bytes == nbytes, stats
+            assert calls.setdefault(case, stats.num_send_calls) == stats.num_send_calls
+            return took
 
         async def pages() -> float:
             pages = self.pool.caches[Tier.DEVICE].pages
@@ -375,10 +353,9 @@ class Sender:
         cases: dict[str, Callable[[], Awaitable[float]]] = {
             "raw": lambda: raw(False),
             "raw_fresh": lambda: raw(True),
-            "adjacent": lambda: ours(adjacent_src, adjacent_dst),
-            "scattered": lambda: ours(scattered_src, scattered_dst),
-            "pipelined": lambda: self._pipelined(scattered_src, scattered_dst),
-            "runs": by_runs,
+            "adjacent": lambda: ours("adjacent", adjacent_src, adjacent_dst),
+            "scattered": lambda: ours("scattered", scattered_src, scattered_dst),
+            "staging": lambda: ours("staging", scattered_src, scattered_dst, staging=True),
         }
         if baseline:
             cases["baseline"] = pages
@@ -389,10 +366,13 @@ class Sender:
                 if round_:
                     times[case].append(took)
         await self.dmp.free_remote(self.peer, hold)
+        assert calls["adjacent"] == 1 and calls["staging"] == 1, calls
+        assert calls["scattered"] == len(runs), (calls, len(runs))
         gather, gather_reused, scatter = self._copies(scattered_src, scattered_dst)
         return Row(
             tokens=num_tokens, blocks=n, mib=nbytes / 2**20, num_runs=len(runs),
             ms={case: _median_ms(t) for case, t in times.items()},
+            calls={case: calls[case] for case in times},
             runs_ms={case: [x * 1e3 for x in t] for case, t in times.items()},
             raw_send_ms=_median_ms(raw_send[1:]), ping_ms=await self._ping(),
             gather_ms=gather, gather_reused_ms=gather_reused, scatter_ms=scatter,
@@ -402,17 +382,11 @@ class Sender:
         tag, self._tag = self._tag, self._tag + n
         return tag
 
-    async def _gloo(
-        self,
-        body: Body,
-        tensors: Sequence[torch.Tensor],
-        send: Callable[[Any, int], int] | None = None,
-    ) -> tuple[float, float]:
+    async def _gloo(self, body: Body, tensors: Sequence[torch.Tensor]) -> tuple[float, float]:
         """One timed case on the process group: the receiver posts its receives and says ready;
-        then (timed) post every send (or run ``send(pg, first_tag)``, which returns how many
-        messages it sent), wait for them, and for the receiver's answer. Returns (until the
-        answer, until the sends completed)."""
-        num = len(tensors) if send is None else int(body["num_messages"])
+        then (timed) post every send, wait for them, and for the receiver's answer. Returns
+        (until the answer, until the sends completed)."""
+        num = len(tensors)
         tag = self._tags(num + 2)
         me = self.channels.me
         body = {**body, "src": {"id": me.instance_id, "inc": me.incarnation},
@@ -425,49 +399,16 @@ class Sender:
         def timed() -> tuple[float, float]:
             pg.recv([ack], 1, tag).wait(timeout)  # the receiver is ready
             t0 = time.perf_counter()
-            if send is None:
-                works = [pg.send([t], 1, tag + 1 + j) for j, t in enumerate(tensors)]
-                for work in works:
-                    work.wait(timeout)
-                sent = num
-            else:
-                sent = send(pg, tag + 1)
+            works = [pg.send([t], 1, tag + 1 + j) for j, t in enumerate(tensors)]
+            for work in works:
+                work.wait(timeout)
             t1 = time.perf_counter()
-            pg.recv([ack], 1, tag + 1 + sent).wait(timeout)
+            pg.recv([ack], 1, tag + 1 + num).wait(timeout)
             return time.perf_counter() - t0, t1 - t0
 
         took = await asyncio.get_running_loop().run_in_executor(None, timed)
         await receiving
         return took
-
-    async def _pipelined(self, src: list[int], dst: list[int]) -> float:
-        """The what-if: gather chunks of ``--chunk-mib`` into two reused staging buffers in
-        turn, posting each chunk's send as soon as it is gathered (the receiver scatters each
-        as it lands), so gather, wire and scatter overlap and no fresh memory is touched."""
-        per_chunk = max(1, self.args.chunk_mib * 2**20 // self.shape.bytes_per_block)
-        indexes = [torch.tensor(src[i : i + per_chunk]) for i in range(0, len(src), per_chunk)]
-        dst_chunks = [dst[i : i + per_chunk] for i in range(0, len(dst), per_chunk)]
-        data = self.data
-        if not self._staging or self._staging[0].shape[0] != per_chunk:
-            self._staging = [torch.empty((per_chunk, *data.shape[1:]), dtype=data.dtype)
-                             for _ in range(2)]  # fmt: skip
-        bufs = self._staging
-        timeout = timedelta(seconds=TIMEOUT_S)
-
-        def send(pg: Any, first_tag: int) -> int:
-            works: list[Any] = []
-            for k, index in enumerate(indexes):
-                if k >= 2:
-                    works[k - 2].wait(timeout)  # its buffer is free again
-                buf = bufs[k % 2][: len(index)]
-                torch.index_select(data, 0, index, out=buf)
-                works.append(pg.send([buf], 1, first_tag + k))
-            for work in works[-2:]:
-                work.wait(timeout)
-            return len(indexes)
-
-        body = {"kind": "pipelined", "chunks": dst_chunks, "num_messages": len(indexes)}
-        return (await self._gloo(body, [], send))[0]
 
     async def _ping(self) -> float:
         """Median round trip of an empty control call (what ours pays twice)."""
@@ -479,7 +420,7 @@ class Sender:
         return _median_ms(times)
 
     def _copies(self, src: list[int], dst: list[int]) -> tuple[float, float, float]:
-        """Medians (ms) of: the sender's gather into a fresh tensor (what ``transfer`` does),
+        """Medians (ms) of: the sender's gather into a fresh tensor (what staging does),
         the same into a reused buffer, and the receiver's scatter (measured here, on this
         pool's blocks: same machine, same sizes)."""
         data = self.data
@@ -537,10 +478,9 @@ def _wait_up(url: str, proc: subprocess.Popen[bytes], timeout_s: float = 120) ->
 
 LABELS = {
     "adjacent": "ours, adjacent",
-    "scattered": "ours, scattered",
+    "scattered": "ours, scattered (per run)",
+    "staging": "staging (gather + scatter, the CUDA path)",
     "baseline": "baseline (per page)",
-    "pipelined": "what-if: pipelined",
-    "runs": "what-if: per run",
 }
 
 
@@ -563,7 +503,7 @@ def _table(rows: Sequence[Row], shape: Shape) -> str:
                 cells.append("-")
                 continue
             bold = "**" if case in ("adjacent", "scattered") else ""
-            calls = r.send_calls(case, shape)
+            calls = r.calls[case]
             cells.append(f"{r.ms[case]:.1f} ({bold}{ratio:.2f}{bold}) [{calls}]")
         out.append(f"| {r.tokens} | {r.mib:g} | {r.ms['raw']:.1f} ({r.raw_gb_s:.2f}) | "
                    + " | ".join(cells) + " |")  # fmt: skip
@@ -573,14 +513,15 @@ def _table(rows: Sequence[Row], shape: Shape) -> str:
         "an empty control round trip, what ours adds, and the copies alone in one process:",
         "",
         "| tokens | raw: send alone | raw into a fresh tensor | control round trip "
-        "| adjacent - raw | scattered - adjacent | gather (fresh tensor) | gather (reused buffer) "
-        "| scatter |",
-        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| adjacent - raw | scattered - adjacent | staging - adjacent | gather (fresh tensor) "
+        "| gather (reused buffer) | scatter |",
+        "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         out.append(
             f"| {r.tokens} | {r.raw_send_ms:.1f} | {r.ms['raw_fresh']:.1f} | {r.ping_ms:.2f} "
             f"| {r.ms['adjacent'] - r.ms['raw']:.1f} | {r.ms['scattered'] - r.ms['adjacent']:.1f} "
+            f"| {r.ms['staging'] - r.ms['adjacent']:.1f} "
             f"| {r.gather_ms:.1f} | {r.gather_reused_ms:.1f} | {r.scatter_ms:.1f} |"
         )
     return "\n".join(out)
@@ -632,8 +573,6 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="bfloat16")
     p.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                    help="torch threads per process")  # fmt: skip
-    p.add_argument("--chunk-mib", type=int, default=8,
-                   help="what-if pipelined transfer: chunk size, MiB")  # fmt: skip
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", type=Path, help="also write the rows here")
     p.add_argument("--quick", action="store_true",
@@ -665,8 +604,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = _drive(args, shape)
     print(_table(rows, shape))
     if args.json:
-        payload = [{**asdict(r), "ratio": {case: r.ratio(case) for case in r.ms},
-                    "send_calls": {case: r.send_calls(case, shape) for case in r.ms}}
+        payload = [{**asdict(r), "ratio": {case: r.ratio(case) for case in r.ms}}
                    for r in rows]  # fmt: skip
         args.json.write_text(json.dumps({"shape": asdict(shape), "rows": payload}, indent=1))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import random
 import statistics
 import tempfile
@@ -101,7 +102,14 @@ def main(argv: Sequence[str] | None = None) -> None:
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kv-gib", type=float, default=1.0)
+    ap.add_argument("--json", type=Path, default=None, help="also write the table's rows here")
+    ap.add_argument(
+        "--quick", action="store_true", help="smoke run: dummy:tiny, 4 short prompts, 1 repeat"
+    )
     args = ap.parse_args(argv)
+    if args.quick:
+        args.model, args.prompt_tokens, args.requests, args.repeats = "dummy:tiny", 64, 4, 1
+        args.concurrency, args.kv_gib = [1, 4], 0.25
     rng = random.Random(0)
     results: dict[tuple[str, int], list[tuple[float, float]]] = {}
     with tempfile.TemporaryDirectory() as tmp:
@@ -126,12 +134,16 @@ def main(argv: Sequence[str] | None = None) -> None:
     )
     print("| concurrency | mode | TTFT median (s) | TTFT p90 (s) | by-layer / by-request |")
     print("|---|---|---|---|---|")
+    rows = []
     for c in args.concurrency:
         base = statistics.median(m for m, _ in results[("by-request", c)])
         for mode in MODES:
             med = statistics.median(m for m, _ in results[(mode, c)])
             p90 = statistics.median(p for _, p in results[(mode, c)])
             print(f"| {c} | {mode} | {med:.3f} | {p90:.3f} | {med / base:.2f} |")
+            rows.append({"concurrency": c, "mode": mode, "ttft_median_s": med, "ttft_p90_s": p90})
+    if args.json is not None:
+        args.json.write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

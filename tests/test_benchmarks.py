@@ -84,3 +84,30 @@ def test_multiturn_replay_runs(tmp_path: Path) -> None:
         assert 0 < s["ttft_mean_s"] <= s["jct_mean_s"]
     assert on["hit_rate_metrics"] > 0 and on["hit_rate_usage"] > 0  # the trace's prompts share
     assert off["hit_rate_metrics"] == 0 and off["hit_rate_usage"] == 0
+
+
+def test_pd_transfer_modes_runs(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "pd_transfer_modes.py"), "--quick", "--json", str(out)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert {(r["concurrency"], r["mode"]) for r in rows} == {
+        (c, m) for c in (1, 4) for m in ("by-request", "by-layer")
+    }
+    assert all(0 < r["ttft_median_s"] <= r["ttft_p90_s"] for r in rows)
+
+
+def test_kv_transfer_runs(tmp_path: Path) -> None:
+    out = tmp_path / "rows.json"
+    _run_quick("kv_transfer.py", out)
+    data = json.loads(out.read_text())
+    layers = data["shape"]["layers"]
+    for row in data["rows"]:
+        calls = row["calls"]
+        assert calls["adjacent"] == calls["staging"] == 1  # aggregated: one send per request
+        assert calls["scattered"] == row["num_runs"] <= row["blocks"]
+        assert calls["baseline"] == 2 * layers * row["blocks"]  # one per page
+        assert all(ms > 0 for ms in row["ms"].values())

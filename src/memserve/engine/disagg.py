@@ -134,6 +134,7 @@ class PrefillWorker:
                 final.new_logprobs[0] if final.new_logprobs else None
             ),
             "num_cached_tokens": final.num_cached_tokens,
+            "num_cached_tokens_dram": final.num_cached_tokens_dram,
             "sampler_state": None if state is None else base64.b64encode(state).decode(),
             "sent_blocks": stats.num_blocks,
             "sent_bytes": stats.num_bytes,
@@ -157,7 +158,7 @@ class DecodeFront:
         self.config = config
         self.url = url
         self._round_robin = itertools.count()
-        self._tasks: set[asyncio.Task[None]] = set()  # send-backs in flight (owned here)
+        self._tasks: set[asyncio.Future[Any]] = set()  # send-backs, abandoned receives
         self._calls: dict[str, set[asyncio.Future[dict[str, Any]]]] = {}  # prefills, by peer
 
     # ---- EngineClient ---------------------------------------------------------------------
@@ -192,7 +193,7 @@ class DecodeFront:
             yield out
 
     async def close(self) -> None:
-        """Wait for the send-backs still in flight (shutdown)."""
+        """Wait for the send-backs and abandoned receives still in flight (shutdown)."""
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
     # ---- steps ----------------------------------------------------------------------------
@@ -223,7 +224,7 @@ class DecodeFront:
     async def _prefill_on(
         self, peer: Peer, request_id: str, prompt: list[int], params: SamplingParams, arrival: float
     ) -> Prefilled:
-        key = f"req/{request_id}"
+        key = f"req/{request_id}/{peer.endpoint.instance_id}"  # one hold per attempt
         by_layer = self.config.transfer_mode == "by-layer"
         try:
             ticket = await self.dmp.expect(peer.endpoint, prompt, False, key, by_layer)
@@ -249,8 +250,11 @@ class DecodeFront:
                 await receiving
         except BaseException:
             if receiving is not None:
-                receiving.cancel()  # ``receive`` waits for its thread, then releases the hold
-                await asyncio.gather(receiving, return_exceptions=True)
+                # Its receives may wait up to the transfer timeout for a prefill that will never
+                # send; ``receive`` keeps the hold until its thread returns, then releases it.
+                # The caller does not wait for that (owned here until then).
+                receiving.cancel()
+                self._own(receiving)
             await self.dmp.abandon(ticket.transfer_id, key)  # the hold is released either way
             raise
         state = reply.get("sampler_state")
@@ -260,6 +264,7 @@ class DecodeFront:
             first_token=int(reply["first_token"]),
             first_logprob=_logprob_from_json(reply.get("first_logprob")),
             num_cached_tokens=int(reply["num_cached_tokens"]),
+            num_cached_tokens_dram=int(reply.get("num_cached_tokens_dram", 0)),
             arrival_time=arrival,
             generator_state=None if state is None else base64.b64decode(state),
             keep_kv=self.config.send_back,
@@ -290,9 +295,10 @@ class DecodeFront:
     def _send_back_later(self, request_id: str, peer: Peer, out: RequestOutput) -> None:
         if out.finish_reason not in ("stop", "length"):
             return  # aborted or failed: the engine freed the blocks, nothing was handed off
-        task = asyncio.create_task(
-            self._send_back(request_id, peer), name=f"send-back {request_id}"
-        )
+        self._own(asyncio.create_task(self._send_back(request_id, peer)))
+
+    def _own(self, task: asyncio.Future[Any]) -> None:
+        """Keep a background task until it ends (``close`` waits for the rest)."""
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 

@@ -200,6 +200,7 @@ class LLMEngine:
         request.num_published_blocks = kv.num_cached_blocks
         request.num_computed_tokens = request.num_prompt_tokens
         request.num_cached_tokens = kv.num_cached_tokens
+        request.num_cached_tokens_dram = kv.num_cached_tokens_dram
         request.keep_kv = kv.keep_kv
         request.arrival_time = kv.arrival_time
         if request.generator is not None and kv.generator_state is not None:

@@ -124,3 +124,4 @@ class Prefilled:
     arrival_time: float
     generator_state: bytes | None = None
     keep_kv: bool = False
+    num_cached_tokens_dram: int = 0  # of ``num_cached_tokens``, swapped in from DRAM there
