@@ -109,5 +109,7 @@ def test_kv_transfer_runs(tmp_path: Path) -> None:
         calls = row["calls"]
         assert calls["adjacent"] == calls["staging"] == 1  # aggregated: one send per request
         assert calls["scattered"] == row["num_runs"] <= row["blocks"]
-        assert calls["baseline"] == 2 * layers * row["blocks"]  # one per page
+        if "baseline" in calls:  # measured at the small sizes only
+            assert calls["baseline"] == 2 * layers * row["blocks"]  # one per page
         assert all(ms > 0 for ms in row["ms"].values())
+    assert any("baseline" in row["calls"] for row in data["rows"])
