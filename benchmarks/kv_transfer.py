@@ -60,7 +60,7 @@ from torch._C._distributed_c10d import TCPStore
 from memserve.mempool.distributed import DistributedMemPool, Peer, Ticket
 from memserve.mempool.kv_cache import KVCache
 from memserve.mempool.pool import MemPool, Tier, adjacent_runs
-from memserve.server.control_api import add_control_routes
+from memserve.server.control_api import add_control_routes, json_route
 from memserve.server.errors import error_middleware
 from memserve.transport.channels import Channels, Endpoint
 
@@ -139,9 +139,9 @@ class Receiver:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware], client_max_size=1 << 26)
         add_control_routes(app, self.dmp)
-        app.router.add_post("/bench/info", _json_route(self.info))
-        app.router.add_post("/bench/ping", _json_route(self.ping))
-        app.router.add_post("/bench/recv", _json_route(self.recv))
+        app.router.add_post("/bench/info", json_route(_body_only(self.info)))
+        app.router.add_post("/bench/ping", json_route(_body_only(self.ping)))
+        app.router.add_post("/bench/recv", json_route(_body_only(self.recv)))
         app.cleanup_ctx.append(self._lifetime)
         return app
 
@@ -205,17 +205,6 @@ class Receiver:
 
         await asyncio.get_running_loop().run_in_executor(None, receive)
         return {}
-
-
-def _json_route(
-    fn: Callable[[Body], Awaitable[Body]],
-) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handle(request: web.Request) -> web.Response:
-        raw = await request.read()
-        body = orjson.loads(raw) if raw else {}
-        return web.Response(body=orjson.dumps(await fn(body)), content_type="application/json")
-
-    return handle
 
 
 # ---- sender process -------------------------------------------------------------------------
@@ -607,6 +596,12 @@ def main(argv: Sequence[str] | None = None) -> None:
         payload = [{**asdict(r), "ratio": {case: r.ratio(case) for case in r.ms}}
                    for r in rows]  # fmt: skip
         args.json.write_text(json.dumps({"shape": asdict(shape), "rows": payload}, indent=1))
+
+
+def _body_only(
+    fn: Callable[[Body], Awaitable[Body]],
+) -> Callable[[web.Request, Body], Awaitable[Body]]:
+    return lambda _, body: fn(body)
 
 
 if __name__ == "__main__":

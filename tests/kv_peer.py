@@ -26,7 +26,6 @@ from dataclasses import asdict
 from datetime import timedelta
 from typing import Any, TypeVar
 
-import orjson
 import torch
 from aiohttp import web
 from torch._C._distributed_c10d import TCPStore
@@ -34,7 +33,7 @@ from torch._C._distributed_c10d import TCPStore
 from memserve.mempool.distributed import DistributedMemPool, Peer, TransferStats, endpoint_from
 from memserve.mempool.kv_cache import KVCache
 from memserve.mempool.pool import Hold, MemPool, Tier
-from memserve.server.control_api import add_control_routes
+from memserve.server.control_api import add_control_routes, json_route
 from memserve.server.errors import error_middleware
 from memserve.transport.channels import Channels, Endpoint, TransferError
 from memserve.transport.registry import InstanceInfo, Registry
@@ -163,7 +162,7 @@ class PeerApp:
             "forget": self.forget,
         }
         for name, fn in routes.items():
-            app.router.add_post(f"/test/{name}", _json_route(fn))
+            app.router.add_post(f"/test/{name}", json_route(_body_only(fn)))
         app.cleanup_ctx.append(self._lifetime)
         return app
 
@@ -297,17 +296,6 @@ def _peer(d: dict[str, Any]) -> Peer:
     return Peer(endpoint_from(d), str(d["url"]))
 
 
-def _json_route(
-    fn: Callable[[Body], Awaitable[Body]],
-) -> Callable[[web.Request], Awaitable[web.Response]]:
-    async def handle(request: web.Request) -> web.Response:
-        raw = await request.read()
-        body = orjson.loads(raw) if raw else {}
-        return web.Response(body=orjson.dumps(await fn(body)), content_type="application/json")
-
-    return handle
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--name", required=True, help="instance id (kept across restarts)")
@@ -338,6 +326,12 @@ def main(argv: list[str] | None = None) -> None:
     )
     peer = PeerApp(args, store)
     web.run_app(peer.app(), host="127.0.0.1", port=args.port, print=None)
+
+
+def _body_only(
+    fn: Callable[[Body], Awaitable[Body]],
+) -> Callable[[web.Request, Body], Awaitable[Body]]:
+    return lambda _, body: fn(body)
 
 
 if __name__ == "__main__":

@@ -230,6 +230,15 @@ def _checked_holds(engine: LLMEngine) -> list[str]:
     return sorted(engine.pool.holds)
 
 
+PREFILL_BODY = {  # /internal/prefill from decode instance d0: 40 prompt tokens, 3 blocks to push
+    "decode": {"id": "d0", "inc": "x", "url": "http://127.0.0.1:1"},
+    "request_id": "r",
+    "ticket": Ticket("t", 0, 0, 0, 3).to_dict(),
+    "params": params_to_json(GREEDY),
+    "prompt_token_ids": tokens(40, seed=2),
+}
+
+
 async def _holds(engine: AsyncEngine) -> list[str]:
     await asyncio.sleep(0.05)  # let queued releases run
     return await engine.call(_checked_holds)
@@ -270,14 +279,7 @@ async def test_prefill_worker_releases_its_hand_off(make_engine: EngineFactory, 
     engine.start()
     decode = _StuckDecode()
     worker = PrefillWorker(engine, cast(DistributedMemPool, decode))
-    body = {
-        "decode": {"id": "d0", "inc": "x", "url": "http://127.0.0.1:1"},
-        "request_id": "r",
-        "ticket": Ticket("t", 0, 0, 0, 3).to_dict(),
-        "params": params_to_json(GREEDY),
-        "prompt_token_ids": tokens(40, seed=2),
-    }
-    task = asyncio.create_task(worker.prefill(body))
+    task = asyncio.create_task(worker.prefill(PREFILL_BODY))
     await decode.entered.wait()
     assert await engine.call(lambda e: sorted(e.pool.holds)) == ["out/d0/r"]
     if fail:
@@ -300,14 +302,7 @@ async def test_prefill_worker_cancelled_while_releasing_still_releases(
     engine.start()
     decode = _StuckDecode()
     worker = PrefillWorker(engine, cast(DistributedMemPool, decode))
-    body = {
-        "decode": {"id": "d0", "inc": "x", "url": "http://127.0.0.1:1"},
-        "request_id": "r",
-        "ticket": Ticket("t", 0, 0, 0, 3).to_dict(),
-        "params": params_to_json(GREEDY),
-        "prompt_token_ids": tokens(40, seed=2),
-    }
-    task = asyncio.create_task(worker.prefill(body))
+    task = asyncio.create_task(worker.prefill(PREFILL_BODY))
     await decode.entered.wait()
     in_step, go = threading.Event(), threading.Event()
     real_step = llm.step

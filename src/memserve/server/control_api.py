@@ -69,14 +69,22 @@ def add_control_routes(
         app.router.add_post("/internal/prefill", _prefill)
 
 
-def _handler(
-    fn: Callable[[DistributedMemPool, Body], Awaitable[Body]],
-) -> Callable[[web.Request], Awaitable[web.Response]]:
+Handler = Callable[[web.Request], Awaitable[web.Response]]
+
+
+def json_route(fn: Callable[[web.Request, Body], Awaitable[Body]]) -> Handler:
+    """A POST handler from ``fn(request, body) -> reply``: JSON object in (an empty body reads
+    as ``{}``), JSON out, the distributed calls' failures mapped to statuses (``_guard``)."""
+
     async def handle(request: web.Request) -> web.Response:
-        body = await read_json_object(request)
-        return _reply(await _guard(fn(request.app[DMP], body)))
+        body = await read_json_object(request) if request.can_read_body else {}
+        return _reply(await _guard(fn(request, body)))
 
     return handle
+
+
+def _handler(fn: Callable[[DistributedMemPool, Body], Awaitable[Body]]) -> Handler:
+    return json_route(lambda request, body: fn(request.app[DMP], body))
 
 
 async def _check(request: web.Request) -> web.Response:
@@ -108,9 +116,7 @@ async def _check(request: web.Request) -> web.Response:
         raise APIError(500, f"integrity check failed: {e}", type="server_error") from e
 
 
-async def _prefill(request: web.Request) -> web.Response:
-    body = await read_json_object(request)
-    return _reply(await _guard(request.app[PREFILL].prefill(body)))
+_prefill = json_route(lambda request, body: request.app[PREFILL].prefill(body))
 
 
 async def _guard(call: Awaitable[Body]) -> Body:
