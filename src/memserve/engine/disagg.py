@@ -116,10 +116,10 @@ class PrefillWorker:
         stream = self.engine.generate(request_id, prompt, prefill_params(params), True, sink)
         async for out in stream:
             final = out
-        if final is None or final.finish_reason != "length" or not final.new_token_ids:
-            raise TransferError(f"prefill of {request_id} ended with {final and final.error}")
-        key = hand_off_key(request_id)
+        key = hand_off_key(request_id)  # a completed request handed its blocks off to it
         try:
+            if final is None or final.finish_reason != "length" or not final.new_token_ids:
+                raise TransferError(f"prefill of {request_id} ended with {final and final.error}")
             if sink is not None:
                 stats = await sink.wait()
             else:
