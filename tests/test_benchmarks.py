@@ -98,6 +98,7 @@ def test_pd_transfer_modes_runs(tmp_path: Path) -> None:
         (c, m) for c in (1, 4) for m in ("by-request", "by-layer")
     }
     assert all(0 < r["ttft_median_s"] <= r["ttft_p90_s"] for r in rows)
+    assert all(r["exposed_transfer_ms"] > 0 for r in rows)
 
 
 def test_kv_transfer_runs(tmp_path: Path) -> None:

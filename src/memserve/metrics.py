@@ -185,6 +185,16 @@ class _TransferCollector(Collector):
         yield CounterMetricFamily(
             "memserve_kv_transfer_failures", "Transfers that failed.", c.failed
         )
+        yield CounterMetricFamily(
+            "memserve_kv_transfer_exposed_seconds",
+            "Prefill side: time from the end of a prefill to its KV being delivered.",
+            c.exposed_seconds,
+        )
+        yield CounterMetricFamily(
+            "memserve_kv_transfer_exposed_transfers",
+            "Prefill side: transfers timed in memserve_kv_transfer_exposed_seconds.",
+            c.exposed_transfers,
+        )
 
 
 def _counter(name: str, documentation: str) -> CounterMetricFamily:

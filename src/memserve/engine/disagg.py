@@ -127,6 +127,8 @@ class PrefillWorker:
                 stats = await self.dmp.push(decode, ticket, hold.block_ids)
         finally:
             self.engine.release_soon(key)
+        self.dmp.counters.exposed_seconds += stats.seconds
+        self.dmp.counters.exposed_transfers += 1
         state = final.sampler_state
         return {
             "first_token": final.new_token_ids[0],

@@ -105,6 +105,10 @@ class TransferCounters:
     received_blocks: int = 0
     received_bytes: int = 0
     failed: int = 0
+    # Prefill side: time from the end of a request's prefill to its KV being delivered (the
+    # part of the transfer not hidden behind compute), summed, and how many were timed.
+    exposed_seconds: float = 0.0
+    exposed_transfers: int = 0
 
 
 @dataclass
