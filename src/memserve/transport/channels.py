@@ -9,6 +9,10 @@ so no fixed world is needed: any two instances pair whenever both ask, late join
 a restarted instance (new incarnation) or a broken channel (next ``gen``) pairs afresh. Gloo for
 CPU tensors, NCCL for CUDA tensors (same construction).
 
+Caveat (untested, no GPU yet): NCCL point-to-point ignores tags and matches messages in posting
+order, so with ``backend="nccl"`` concurrent transfers on one channel must be posted in the same
+order on both sides, which the one-thread-per-operation design below does not guarantee.
+
 Who decides what: the **receiver** owns a channel's generation and the tags of the messages on it
 (it answers a transfer handshake with them; see ``mempool/distributed.py``). Any failure on a
 channel (peer died, timeout) drops it on this side; the receiver then moves to ``gen + 1``.
