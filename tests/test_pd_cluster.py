@@ -341,7 +341,11 @@ def test_decode_lost_while_prefill_busy(tmp_path: Path, reference: LLM, how: str
                 d.proc.kill()
 
             outcomes = flood(c, 8, watch=p, victim=d, sig=signal.SIGSTOP, then=then)
-            assert metrics(p.url)[FAILURES] > failures  # the sends to the frozen D failed
+            if not transfer:  # by request: the frozen D never answers a commit, the push fails
+                assert metrics(p.url)[FAILURES] > failures
+            # By layer, D posted its receives before it froze, so small per-layer sends may be
+            # complete once in D's socket buffers: P need not see any failure (measured: under
+            # load, none in ~1 of 5 runs). What matters holds either way: P settles below.
         for error in assert_completed_same(outcomes, reference):
             assert isinstance(error, openai.APIConnectionError), repr(error)
         assert healthy(p.url)
