@@ -139,9 +139,9 @@ class Receiver:
     def app(self) -> web.Application:
         app = web.Application(middlewares=[error_middleware], client_max_size=1 << 26)
         add_control_routes(app, self.dmp)
-        app.router.add_post("/bench/info", json_route(_body_only(self.info)))
-        app.router.add_post("/bench/ping", json_route(_body_only(self.ping)))
-        app.router.add_post("/bench/recv", json_route(_body_only(self.recv)))
+        app.router.add_post("/bench/info", json_route(self.info))
+        app.router.add_post("/bench/ping", json_route(self.ping))
+        app.router.add_post("/bench/recv", json_route(self.recv))
         app.cleanup_ctx.append(self._lifetime)
         return app
 
@@ -596,12 +596,6 @@ def main(argv: Sequence[str] | None = None) -> None:
         payload = [{**asdict(r), "ratio": {case: r.ratio(case) for case in r.ms}}
                    for r in rows]  # fmt: skip
         args.json.write_text(json.dumps({"shape": asdict(shape), "rows": payload}, indent=1))
-
-
-def _body_only(
-    fn: Callable[[Body], Awaitable[Body]],
-) -> Callable[[web.Request, Body], Awaitable[Body]]:
-    return lambda _, body: fn(body)
 
 
 if __name__ == "__main__":

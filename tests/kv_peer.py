@@ -162,7 +162,7 @@ class PeerApp:
             "forget": self.forget,
         }
         for name, fn in routes.items():
-            app.router.add_post(f"/test/{name}", json_route(_body_only(fn)))
+            app.router.add_post(f"/test/{name}", json_route(fn))
         app.cleanup_ctx.append(self._lifetime)
         return app
 
@@ -326,12 +326,6 @@ def main(argv: list[str] | None = None) -> None:
     )
     peer = PeerApp(args, store)
     web.run_app(peer.app(), host="127.0.0.1", port=args.port, print=None)
-
-
-def _body_only(
-    fn: Callable[[Body], Awaitable[Body]],
-) -> Callable[[web.Request, Body], Awaitable[Body]]:
-    return lambda _, body: fn(body)
 
 
 if __name__ == "__main__":

@@ -163,8 +163,8 @@ class DisaggConfig:
     def __post_init__(self) -> None:
         if self.pd_caching not in PD_CACHING:
             raise ValueError(f"pd_caching must be one of {PD_CACHING}, got {self.pd_caching!r}")
-        host, _, port = self.rendezvous.rpartition(":")
-        if not host or not port.isdigit() or not 0 < int(port) < 65536:
+        host, port = self.rendezvous_address
+        if not host or not 0 < port < 65536:
             raise ValueError(f"rendezvous must be host:port, got {self.rendezvous!r}")
         if not self.instance_id or any(c in self.instance_id for c in "@>/ "):
             raise ValueError(
@@ -177,8 +177,9 @@ class DisaggConfig:
 
     @property
     def rendezvous_address(self) -> tuple[str, int]:
+        """(host, port); port -1 when ``rendezvous`` has none."""
         host, _, port = self.rendezvous.rpartition(":")
-        return host, int(port)
+        return host, int(port) if port.isdigit() else -1
 
     @property
     def prefill_keeps(self) -> bool:

@@ -113,13 +113,13 @@ def build_disagg_app(
     async_engine = AsyncEngine(engine)
     me = Endpoint(disagg.instance_id, uuid.uuid4().hex[:12])
     url = f"http://{server.host}:{server.port}"
-    keeps = disagg.decode_keeps if role == "decode" else disagg.prefill_keeps
     channels = Channels(store, me, disagg.transfer_timeout_s, backend=_backend(engine))
 
     async def run(fn: Callable[[MemPool], T]) -> T:
         return await async_engine.call(lambda e: fn(e.pool))
 
-    dmp = DistributedMemPool(engine.pool, channels, run, disagg.transfer_timeout_s, keeps)
+    caching = engine.kv.enable_caching  # what the P/D stage left on for this role (cli.py)
+    dmp = DistributedMemPool(engine.pool, channels, run, disagg.transfer_timeout_s, caching)
     registry = Registry(store, InstanceInfo(me, role, url), dead_after_s=disagg.peer_timeout_s)
     registry.on_leave.append(lambda info: dmp.forget(info.endpoint))
     engine.metrics.add_transfer_counters(lambda: dmp.counters)

@@ -51,6 +51,7 @@ from memserve.mempool.distributed import (
     Peer,
     Ticket,
     endpoint_from,
+    endpoint_json,
 )
 from memserve.mempool.pool import MemPool
 from memserve.model.tokenizer import Tokenizer
@@ -240,11 +241,7 @@ class DecodeFront:
             "prompt_token_ids": prompt,
             "params": params_to_json(params),
             "ticket": ticket.to_dict(),
-            "decode": {
-                "id": self.dmp.me.instance_id,
-                "inc": self.dmp.me.incarnation,
-                "url": self.url,
-            },
+            "decode": {**endpoint_json(self.dmp.me), "url": self.url},
         }
         try:
             reply = await self._call_prefill(peer, body)

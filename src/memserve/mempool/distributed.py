@@ -21,10 +21,10 @@ Ownership: blocks in flight belong to a ``Hold`` in the MemPool (counted by
 hand-off hold, released by its owner once ``push`` returns, success or not). The sender never
 returns before its send has finished reading the blocks, even when cancelled.
 
-Block aggregation: a block is one contiguous span of all layers' K and V, so a transfer is one
-send call whatever the layer count: a slice of the cache when the blocks are adjacent (no copy),
-else one gather into a staging tensor. The receiver mirrors it (recv into the slice, or into
-staging + one scatter).
+Block aggregation: a block is one contiguous span of all layers' K and V, so the number of send
+calls never depends on the layer count. Host tensors: one zero-copy send per run of blocks
+adjacent on both sides (the ticket names the destination blocks, the commit the source ones),
+received in place. CUDA tensors: one gather into a staging tensor, one send, one scatter.
 """
 
 from __future__ import annotations
@@ -176,7 +176,7 @@ class DistributedMemPool:
     ) -> TransferStats:
         """Send the KV of ``tokens`` (held in device ``block_ids``, one per started block) to
         ``peer`` and have it inserted there; only the blocks the peer lacks move."""
-        body = {"src": _ep(self.me), "tokens": list(tokens)}
+        body = {"src": endpoint_json(self.me), "tokens": list(tokens)}
         ticket = Ticket.from_dict(await self.post(peer, "/internal/kv/offer", body))
         return await self.push(peer, ticket, block_ids)
 
@@ -194,7 +194,7 @@ class DistributedMemPool:
         if len(src_blocks) != len(dst_blocks):
             raise ValueError("src_blocks and dst_blocks differ in length")
         body = {
-            "src": _ep(self.me),
+            "src": endpoint_json(self.me),
             "hold": hold_key,
             "dst_blocks": list(dst_blocks),
             "tier": dst_tier.value,
@@ -207,12 +207,14 @@ class DistributedMemPool:
     ) -> tuple[str, list[int]]:
         """``alloc_mem`` on ``peer`` for this instance: (hold key, block ids). Free with
         ``free_remote``; the peer frees them by itself if this instance leaves."""
-        body = {"src": _ep(self.me), "num_blocks": num_blocks, "tier": tier.value}
+        body = {"src": endpoint_json(self.me), "num_blocks": num_blocks, "tier": tier.value}
         reply = await self.post(peer, "/internal/kv/alloc", body)
         return str(reply["hold"]), [int(b) for b in reply["block_ids"]]
 
     async def free_remote(self, peer: Peer, hold_key: str) -> None:
-        await self.post(peer, "/internal/kv/free", {"src": _ep(self.me), "hold": hold_key})
+        await self.post(
+            peer, "/internal/kv/free", {"src": endpoint_json(self.me), "hold": hold_key}
+        )
 
     async def push(
         self, peer: Peer, ticket: Ticket, block_ids: Sequence[int], tier: Tier = Tier.DEVICE
@@ -225,7 +227,10 @@ class DistributedMemPool:
             raise TransferError(f"asked for {ticket.num_blocks} blocks, have {len(blocks)}")
         t0 = time.perf_counter()
         runs = self._plan_runs(blocks, ticket, tier)
-        commit_body: dict[str, Any] = {"src": _ep(self.me), "transfer_id": ticket.transfer_id}
+        commit_body: dict[str, Any] = {
+            "src": endpoint_json(self.me),
+            "transfer_id": ticket.transfer_id,
+        }
         if runs is not None:
             commit_body["src_block_ids"] = blocks
         commit = asyncio.ensure_future(self.post(peer, "/internal/kv/commit", commit_body))
@@ -269,10 +274,13 @@ class DistributedMemPool:
         if not blocks:
             return 0, 0
         data = self.pool.caches[tier].data
-        if runs is None:
-            parts: Callable[[], list[torch.Tensor]] = lambda: [_gather(data, blocks)]  # noqa: E731
-        else:
-            parts = lambda: [data[s : s + n] for s, _, n in runs]  # noqa: E731
+
+        def parts() -> list[torch.Tensor]:
+            if runs is not None:  # zero-copy slices
+                return [data[s : s + n] for s, _, n in runs]
+            view = _view(data, blocks)
+            return [view if view is not None else self.pool.read_blocks(blocks, tier)]
+
         num_bytes = await self.channels.send_parts(peer.endpoint, ticket.gen, ticket.tag, parts)
         num_calls = 1 if runs is None else len(runs)
         self.counters.sent_blocks += len(blocks)
@@ -282,7 +290,7 @@ class DistributedMemPool:
 
     async def _abort_remote(self, peer: Peer, ticket: Ticket) -> None:
         """Best effort: tell the receiver to drop the transfer (it also times out by itself)."""
-        body = {"src": _ep(self.me), "transfer_id": ticket.transfer_id}
+        body = {"src": endpoint_json(self.me), "transfer_id": ticket.transfer_id}
         with contextlib.suppress(TransferError):
             await self.post(peer, "/internal/kv/abort", body, timeout_s=2.0)
 
@@ -328,8 +336,12 @@ class DistributedMemPool:
         transfer_id = self._new_id()
         key = key or f"in/{transfer_id}"
         use_cache = self.use_cache
-        num_cached = await self._run(lambda pool: pool.reserve(key, tokens, use_cache))
-        dst = self.pool.holds[key].block_ids[num_cached:]
+
+        def reserve(pool: MemPool) -> tuple[int, list[int]]:
+            num_cached = pool.reserve(key, tokens, use_cache)
+            return num_cached, pool.holds[key].block_ids[num_cached:]
+
+        num_cached, dst = await self._run(reserve)
         num_parts = self.pool.caches[Tier.DEVICE].num_layers if by_layer else 1
         return self._register(src, key, transfer_id, num_cached, dst, insert, num_parts)
 
@@ -365,8 +377,9 @@ class DistributedMemPool:
         self, src: Endpoint, transfer_id: str, src_block_ids: Sequence[int] | None = None
     ) -> int:
         """The commit: receive the ticket's blocks from ``src`` into the hold, then insert them
-        (if asked). ``src_block_ids``: the sender's blocks, when it sends one message per run of
-        blocks adjacent on both sides (``_plan_runs``); else one message. Returns the number of blocks received; on failure releases the hold (for
+        (if asked, and this instance caches). ``src_block_ids``: the sender's blocks, when it
+        sends one message per run of blocks adjacent on both sides (``_plan_runs``); else one
+        message. Returns the number of blocks received; on failure releases the hold (for
         offers) and raises ``TransferError``."""
         incoming = self._incoming.get(transfer_id)
         if incoming is None or incoming.src != src:
@@ -379,8 +392,9 @@ class DistributedMemPool:
             await _finish_even_if_cancelled(self._recv(incoming, src_block_ids))
             if incoming.aborted:
                 raise TransferError("abandoned by its owner")
-            if incoming.insert:
-                await self._run(lambda pool: pool.insert_hold(incoming.hold_key))
+            if incoming.insert:  # an instance that does not cache keeps nothing
+                publish = MemPool.insert_hold if self.use_cache else MemPool.release
+                await self._run(lambda pool: publish(pool, incoming.hold_key))
         except BaseException as e:
             self.counters.failed += 1
             log.warning(
@@ -459,10 +473,14 @@ class DistributedMemPool:
             await self.channels.recv_parts(incoming.src, ticket.gen, ticket.tag, outs, _noop)
             num_bytes = sum(o.numel() * o.element_size() for o in outs)
         elif ticket.num_parts == 1:
-            staging = _recv_buffer(data, dst)
-            await self.channels.recv(
-                incoming.src, ticket.gen, ticket.tag, staging, lambda out: _scatter(data, dst, out)
-            )
+            view = _view(data, dst)
+            staging = view if view is not None else torch.empty_like(data[: len(dst)])
+
+            def scatter(out: torch.Tensor) -> None:
+                if view is None:
+                    self.pool.write_blocks(dst, out, hold.tier)
+
+            await self.channels.recv(incoming.src, ticket.gen, ticket.tag, staging, scatter)
             num_bytes = staging.numel() * staging.element_size()
         else:  # one part per layer: [n, 2, block_size, H, D] each
             index = torch.tensor(dst, dtype=torch.long, device=data.device)
@@ -581,7 +599,7 @@ def _noop(_: int, __: torch.Tensor) -> None:
     pass
 
 
-def _ep(endpoint: Endpoint) -> dict[str, str]:
+def endpoint_json(endpoint: Endpoint) -> dict[str, str]:
     return {"id": endpoint.instance_id, "inc": endpoint.incarnation}
 
 
@@ -589,29 +607,9 @@ def endpoint_from(d: dict[str, Any]) -> Endpoint:
     return Endpoint(str(d["id"]), str(d["inc"]))
 
 
-def _run_of(block_ids: Sequence[int]) -> int | None:
-    """The first id if ``block_ids`` are adjacent and ascending (one slice), else None."""
+def _view(data: torch.Tensor, block_ids: list[int]) -> torch.Tensor | None:
+    """The blocks as a view of ``data`` when they are adjacent and ascending, else None."""
     first = block_ids[0]
-    return first if list(block_ids) == list(range(first, first + len(block_ids))) else None
-
-
-def _gather(data: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
-    """The blocks as one contiguous tensor: a view when adjacent, else one gather."""
-    first = _run_of(block_ids)
-    if first is not None:
-        return data[first : first + len(block_ids)]
-    index = torch.tensor(block_ids, dtype=torch.long, device=data.device)
-    return data.index_select(0, index)
-
-
-def _recv_buffer(data: torch.Tensor, block_ids: list[int]) -> torch.Tensor:
-    first = _run_of(block_ids)
-    if first is not None:
-        return data[first : first + len(block_ids)]
-    return torch.empty((len(block_ids), *data.shape[1:]), dtype=data.dtype, device=data.device)
-
-
-def _scatter(data: torch.Tensor, block_ids: list[int], out: torch.Tensor) -> None:
-    if _run_of(block_ids) is None:
-        index = torch.tensor(block_ids, dtype=torch.long, device=data.device)
-        data.index_copy_(0, index, out)
+    if block_ids != list(range(first, first + len(block_ids))):
+        return None
+    return data[first : first + len(block_ids)]

@@ -265,8 +265,8 @@ class MemPool:
     def check_integrity(self, held: Iterable[int] = ()) -> None:
         """Raise ``AssertionError`` unless, per tier, every block's refcount equals its tree
         reference plus the requests holding it (``held``: device block ids, one entry per
-        holding) plus the in-flight holds, free + active + historical == total, no unlocked tree block is held, nodes are
-        single-tier and DRAM is closed downward."""
+        holding) plus the in-flight holds (so free + active + historical + in flight == total),
+        no unlocked tree block is held, nodes are single-tier and DRAM is closed downward."""
         self.tree.check_integrity()
         for tier in Tier:
             if tier not in self.allocators and self.tree.num_blocks(tier):

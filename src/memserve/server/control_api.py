@@ -19,6 +19,7 @@ A receive that fails answers 502; no room answers 503; a malformed body 400.
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import orjson
@@ -35,11 +36,8 @@ from memserve.server.errors import APIError, bad_request
 from memserve.server.openai_api import read_json_object
 from memserve.transport.channels import TransferError
 
-DMP = web.AppKey("dmp", DistributedMemPool)
-PREFILL = web.AppKey("prefill", PrefillWorker)
-ENGINE = web.AppKey("local_engine", AsyncEngine)
-
 Body = dict[str, Any]
+Handler = Callable[[web.Request], Awaitable[web.Response]]
 
 
 def add_control_routes(
@@ -50,10 +48,6 @@ def add_control_routes(
 ) -> None:
     """The routes of ``dmp`` (and of ``prefill`` on a prefill instance). ``/internal/check`` runs
     the engine's check when ``engine`` is given, else the pool's (a pool-only process)."""
-    app[DMP] = dmp
-    if engine is not None:
-        app[ENGINE] = engine
-    app.router.add_post("/internal/check", _check)
     routes: dict[str, Callable[[DistributedMemPool, Body], Awaitable[Body]]] = {
         "offer": _offer,
         "expect": _expect,
@@ -63,40 +57,33 @@ def add_control_routes(
         "free": _free,
     }
     for name, fn in routes.items():
-        app.router.add_post(f"/internal/kv/{name}", _handler(fn))
+        app.router.add_post(f"/internal/kv/{name}", json_route(partial(fn, dmp)))
+    app.router.add_post("/internal/check", json_route(partial(_check, dmp, engine)))
     if prefill is not None:
-        app[PREFILL] = prefill
-        app.router.add_post("/internal/prefill", _prefill)
+        app.router.add_post("/internal/prefill", json_route(prefill.prefill))
 
 
-Handler = Callable[[web.Request], Awaitable[web.Response]]
-
-
-def json_route(fn: Callable[[web.Request, Body], Awaitable[Body]]) -> Handler:
-    """A POST handler from ``fn(request, body) -> reply``: JSON object in (an empty body reads
-    as ``{}``), JSON out, the distributed calls' failures mapped to statuses (``_guard``)."""
+def json_route(fn: Callable[[Body], Awaitable[Body]]) -> Handler:
+    """A POST handler from ``fn(body) -> reply``: JSON object in (an empty body reads as ``{}``),
+    JSON out, the distributed calls' failures mapped to statuses (``_guard``)."""
 
     async def handle(request: web.Request) -> web.Response:
         body = await read_json_object(request) if request.can_read_body else {}
-        return _reply(await _guard(fn(request, body)))
+        return _reply(await _guard(fn(body)))
 
     return handle
 
 
-def _handler(fn: Callable[[DistributedMemPool, Body], Awaitable[Body]]) -> Handler:
-    return json_route(lambda request, body: fn(request.app[DMP], body))
+async def _check(dmp: DistributedMemPool, engine: AsyncEngine | None, _: Body) -> Body:
+    """Run the block conservation check between two steps (tests, operators): the in-flight
+    holds and block counts, or 500 naming the violation."""
 
-
-async def _check(request: web.Request) -> web.Response:
-    """Run the block conservation check between two steps (tests, operators): 200 with the
-    in-flight holds and block counts, or 500 naming the violation."""
-
-    def check(pool: MemPool, engine: LLMEngine | None) -> Body:
-        if engine is not None:
-            engine.check_integrity()
+    def check(pool: MemPool, llm: LLMEngine | None) -> Body:
+        if llm is not None:
+            llm.check_integrity()
         else:
             pool.check_integrity()
-        running = 0 if engine is None else engine.num_waiting + len(engine.scheduler.running)
+        running = 0 if llm is None else llm.num_waiting + len(llm.scheduler.running)
         return {
             "holds": sorted(pool.holds),
             "running": running,
@@ -105,18 +92,12 @@ async def _check(request: web.Request) -> web.Response:
             "historical_blocks": pool.num_historical(Tier.DEVICE),
         }
 
-    engine = request.app.get(ENGINE)
     try:
         if engine is not None:
-            body = await engine.call(lambda e: check(e.pool, e))
-        else:
-            body = await request.app[DMP].run(lambda pool: check(pool, None))
-        return _reply(body)
+            return await engine.call(lambda e: check(e.pool, e))
+        return await dmp.run(lambda pool: check(pool, None))
     except AssertionError as e:
         raise APIError(500, f"integrity check failed: {e}", type="server_error") from e
-
-
-_prefill = json_route(lambda request, body: request.app[PREFILL].prefill(body))
 
 
 async def _guard(call: Awaitable[Body]) -> Body:

@@ -98,18 +98,12 @@ class Channels:
 
     # ---- async operations -----------------------------------------------------------------
 
-    async def send(
-        self, dst: Endpoint, gen: int, tag: int, make: Callable[[], torch.Tensor]
-    ) -> int:
-        """Send ``make()`` (built in the worker thread, e.g. a gather) to ``dst`` on channel
-        ``me > dst`` generation ``gen``. Returns the bytes sent; raises ``TransferError``."""
-        return await self.send_parts(dst, gen, tag, lambda: [make()])
-
     async def send_parts(
         self, dst: Endpoint, gen: int, tag: int, make: Callable[[], Sequence[torch.Tensor]]
     ) -> int:
-        """Send each tensor of ``make()`` with tag ``tag + i``, all posted at once (e.g. one
-        zero-copy slice per run of adjacent blocks), and wait for all. Returns the bytes sent."""
+        """Send each tensor of ``make()`` (built in the worker thread: a gather, or zero-copy
+        slices) to ``dst`` on channel ``me > dst`` generation ``gen`` with tag ``tag + i``, all
+        posted at once, and wait for all. Returns the bytes sent; raises ``TransferError``."""
         return await self._run(lambda: self._send_parts(dst, gen, tag, make))
 
     async def recv(
@@ -155,16 +149,7 @@ class Channels:
     async def wait_sends(self, dst: Endpoint, gen: int, works: Sequence[Any]) -> None:
         """Wait for posted sends; on failure the channel is dropped."""
         key = self._key(dst, gen, outgoing=True)
-
-        def wait() -> None:
-            try:
-                for work in works:
-                    work.wait(self.timeout)
-            except RuntimeError:
-                self._forget(key)
-                raise
-
-        await self._run(wait)
+        await self._run(lambda: self._wait_sends(key, works))
 
     async def connect(self, peer: Endpoint, gen: int, outgoing: bool) -> None:
         """Build the channel ``me > peer`` (``outgoing``) or ``peer > me`` ahead of its use."""
@@ -203,12 +188,20 @@ class Channels:
         tensors = [t.contiguous() for t in make()]
         try:
             works = [pg.send([t], 1, tag + i) for i, t in enumerate(tensors)]
+        except RuntimeError:
+            self._forget(key)
+            raise
+        self._wait_sends(key, works)
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def _wait_sends(self, key: str, works: Sequence[Any]) -> None:
+        """Wait for posted sends; a failure drops (and retires) the channel."""
+        try:
             for work in works:
                 work.wait(self.timeout)
         except RuntimeError:
             self._forget(key)
             raise
-        return sum(t.numel() * t.element_size() for t in tensors)
 
     def _recv_parts(
         self,
