@@ -114,3 +114,17 @@ def test_kv_transfer_runs(tmp_path: Path) -> None:
             assert calls["baseline"] == 2 * layers * row["blocks"]  # one per page
         assert all(ms > 0 for ms in row["ms"].values())
     assert any("baseline" in row["calls"] for row in data["rows"])
+
+
+def test_routing_policies_runs(tmp_path: Path) -> None:
+    out = tmp_path / "routing.json"
+    stdout = _run_quick("routing_policies.py", out)
+    assert "| session |" in stdout and "| prompt_tree |" in stdout
+    session, tree = json.loads(out.read_text())["summaries"]
+    assert (session["policy"], tree["policy"]) == ("session", "prompt_tree")
+    for s in (session, tree):
+        assert s["num_requests"] == 8 and s["num_ok"] == 8, s["errors"]  # exact answer lengths
+        assert 0 < s["ttft_p50_s"] <= s["ttft_p99_s"] and s["ttft_mean_s"] <= s["jct_mean_s"]
+        assert 0 <= s["hit_rate"] <= 1 and 0 <= s["hit_rate_router"] <= 1
+        assert sum(s["computed_tokens"].values()) > 0
+    assert tree["hit_rate"] > 0  # the sessions share documents, and each asks twice

@@ -30,10 +30,11 @@ from engine_fixtures import (  # noqa: F401 - fixtures
     tiny_fixture,
 )
 from memserve.engine.async_engine import AsyncEngine
-from memserve.engine.disagg import PrefillWorker, params_from_json, params_to_json, prefill_params
+from memserve.engine.disagg import PrefillWorker, prefill_params
 from memserve.engine.kv_manager import hand_off_key
 from memserve.engine.llm_engine import LLMEngine
 from memserve.engine.types import Prefilled, RequestOutput, SamplingParams
+from memserve.engine.wire import params_from_json, params_to_json
 from memserve.mempool.block_allocator import NoFreeBlocksError
 from memserve.mempool.distributed import DistributedMemPool, Ticket
 from memserve.mempool.pool import Tier

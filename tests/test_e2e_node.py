@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import urllib.request
@@ -176,16 +177,26 @@ def test_node_stops_cleanly_on_signal(sig: signal.Signals) -> None:
     assert b"stopped" in err  # the cleanup path ran, not a default signal death
 
 
-def test_cli_roles_not_yet_available() -> None:
-    out = subprocess.run([*NODE, "--role", "scheduler"], capture_output=True, text=True, timeout=60)
+def test_cli_bad_layout_and_cluster_shape_fail_cleanly() -> None:
+    env = {**os.environ, "RANK": "0", "WORLD_SIZE": "3"}
+    layout = [*NODE, "--layout", "prefill:1,scheduler:1,decode:1"]
+    out = subprocess.run(layout, capture_output=True, text=True, timeout=60, env=env)
     assert out.returncode == 2
-    assert "not yet available" in out.stderr
+    assert "must start with scheduler:1" in out.stderr
+    wrong_size = [*NODE, "--layout", "scheduler:1,decode:1"]
+    out = subprocess.run(wrong_size, capture_output=True, text=True, timeout=60, env=env)
+    assert out.returncode == 2
+    assert "names 2 processes, torchrun started 3" in out.stderr
+    shape = [*NODE, "cluster", "--prefill", "1", "--decode", "0", "--colocated", "1"]
+    out = subprocess.run(shape, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2
+    assert "prefill and decode instances come together" in out.stderr
 
 
 def test_cli_disaggregated_roles_need_a_rendezvous() -> None:
     out = subprocess.run([*NODE, "--role", "prefill"], capture_output=True, text=True, timeout=60)
     assert out.returncode == 2
-    assert "--rendezvous" in out.stderr
+    assert "--scheduler-url URL or --rendezvous" in out.stderr
 
 
 def test_cli_unreachable_rendezvous_fails_cleanly() -> None:

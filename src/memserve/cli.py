@@ -3,14 +3,24 @@
 Usage::
 
     memserve-node --role colocated --model dummy:tiny [--host 127.0.0.1] [--port 8000] ...
+    memserve-node --role scheduler --port 8000 [--policy prompt_tree] ...
+    memserve-node --role prefill|decode|colocated --scheduler-url http://HOST:8000 --port 8100 ...
+    torchrun ... -m memserve.node --layout scheduler:1,prefill:2,decode:2 [flags for all]
+    memserve-node cluster [--prefill 1 --decode 1 --colocated 0] [flags for all]
+    memserve-node profile --model dummy:small --out profile.json
     memserve-node export-hf dummy:small DIR
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import time
+import urllib.request
 from collections.abc import Sequence
+
+import orjson
 
 from memserve.config import (
     DTYPES,
@@ -21,11 +31,12 @@ from memserve.config import (
     DisaggConfig,
     EngineConfig,
     ModelConfig,
+    RouterConfig,
     SchedulerConfig,
     ServerConfig,
 )
 
-_AVAILABLE_ROLES = ("colocated", "prefill", "decode")
+POLICIES = ("round_robin", "least_load", "session", "prompt_tree")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -39,8 +50,46 @@ def build_parser() -> argparse.ArgumentParser:
         "--role",
         choices=ROLES,
         default="colocated",
-        help="what this process does: colocated (prefill and decode), prefill, decode (the "
-        "front door of a P/D pair until the global scheduler arrives); scheduler comes next",
+        help="what this process does: scheduler (the OpenAI API in front of the cluster; "
+        "routes requests), colocated (prefill and decode), prefill, decode (without a "
+        "scheduler, the decode instance is the front door of its P/D pair)",
+    )
+    p.add_argument(
+        "--scheduler-url",
+        default=None,
+        help="instances: join the cluster of the scheduler at this URL (http://HOST:PORT); "
+        "prefill/decode instances take its rendezvous address unless --rendezvous is given",
+    )
+    p.add_argument(
+        "--policy",
+        choices=POLICIES,
+        default="prompt_tree",
+        help="scheduler: routing policy (prompt_tree: least predicted queueing + execution "
+        "time given the prefix each instance holds)",
+    )
+    p.add_argument(
+        "--tree-ttl",
+        type=float,
+        default=300.0,
+        help="scheduler: seconds a global prompt tree believes an instance holds a prefix",
+    )
+    p.add_argument(
+        "--tree-max-blocks",
+        type=int,
+        default=1 << 20,
+        help="scheduler: blocks indexed per global prompt tree before LRU pruning",
+    )
+    p.add_argument(
+        "--cost-profile",
+        default=None,
+        help="scheduler: a `memserve-node profile` JSON file (default: rough built-in "
+        "coefficients, refined online from the instances' step times)",
+    )
+    p.add_argument(
+        "--layout",
+        default=None,
+        help="under torchrun: ranks to roles, e.g. scheduler:1,prefill:2,decode:2 (rank 0 is "
+        "the scheduler on --port; instances listen on --port+2+LOCAL_RANK)",
     )
     p.add_argument(
         "--pd-caching",
@@ -59,7 +108,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--rendezvous",
         default=None,
-        help="host:port of the TCPStore every prefill/decode instance pairs through",
+        help="host:port of the TCPStore every prefill/decode instance pairs through (the "
+        "scheduler hosts it; default there: its host and --port + 1)",
     )
     p.add_argument(
         "--host-rendezvous",
@@ -79,7 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--peer-timeout",
         type=float,
         default=3.0,
-        help="seconds without a heartbeat before a peer counts as gone (its blocks are freed)",
+        help="seconds without a heartbeat before a peer (or, at the scheduler, an instance) "
+        "counts as gone (its blocks are freed; its requests fail or are re-dispatched)",
     )
     p.add_argument(
         "--model",
@@ -177,10 +228,13 @@ def build_export_parser() -> argparse.ArgumentParser:
 def disagg_config(args: argparse.Namespace) -> DisaggConfig | None:
     if args.role not in ("prefill", "decode"):
         return None
-    if args.rendezvous is None:
-        raise ValueError(f"--role {args.role} needs --rendezvous HOST:PORT")
+    rendezvous = args.rendezvous
+    if rendezvous is None and args.scheduler_url is not None:
+        rendezvous = str(cluster_info(args.scheduler_url)["rendezvous"])
+    if rendezvous is None:
+        raise ValueError(f"--role {args.role} needs --scheduler-url URL or --rendezvous HOST:PORT")
     return DisaggConfig(
-        rendezvous=args.rendezvous,
+        rendezvous=rendezvous,
         instance_id=args.instance_id or f"{args.role}-{args.port}",
         host_rendezvous=args.host_rendezvous,
         pd_caching=args.pd_caching,
@@ -223,29 +277,103 @@ def engine_config(args: argparse.Namespace, disagg: DisaggConfig | None = None) 
     )
 
 
+def cluster_info(scheduler_url: str, timeout_s: float = 120.0) -> dict[str, object]:
+    """``GET /internal/cluster-info`` of the scheduler, retried until it is up (under torchrun
+    the instances may start first)."""
+    deadline = time.monotonic() + timeout_s
+    url = scheduler_url.rstrip("/") + "/internal/cluster-info"
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                info: dict[str, object] = orjson.loads(r.read())
+                return info
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise ValueError(f"scheduler at {scheduler_url} unreachable: {e}") from e
+            time.sleep(0.5)
+
+
+def apply_layout(args: argparse.Namespace, env: dict[str, str]) -> None:
+    """Under torchrun: this rank's role, ports, scheduler address and device from ``--layout``
+    and torchrun's environment (RANK, LOCAL_RANK, LOCAL_WORLD_SIZE, WORLD_SIZE, MASTER_ADDR)."""
+    roles: list[str] = []
+    for part in args.layout.split(","):
+        role, _, count = part.partition(":")
+        if role not in ROLES or not count.isdigit():
+            raise ValueError(f"--layout entries are ROLE:COUNT, got {part!r}")
+        roles += [role] * int(count)
+    if roles.count("scheduler") != 1 or roles[0] != "scheduler":
+        raise ValueError("--layout must start with scheduler:1 (rank 0 hosts the scheduler)")
+    rank, world = int(env.get("RANK", "0")), int(env.get("WORLD_SIZE", "1"))
+    if len(roles) != world:
+        raise ValueError(f"--layout names {len(roles)} processes, torchrun started {world}")
+    local_rank = int(env.get("LOCAL_RANK", "0"))
+    master = env.get("MASTER_ADDR", "127.0.0.1")
+    base = args.port
+    args.role = roles[rank]
+    args.scheduler_url = f"http://{master}:{base}"
+    args.rendezvous = args.rendezvous or f"{master}:{base + 1}"
+    if args.role != "scheduler":
+        args.port = base + 2 + local_rank
+        args.instance_id = args.instance_id or f"{args.role}-{rank}"
+        if args.device == "cuda":
+            args.device = f"cuda:{local_rank}"
+        elif args.device == "cpu" and args.num_threads is None:
+            share = (os.cpu_count() or 1) // max(1, int(env.get("LOCAL_WORLD_SIZE", "1")))
+            args.num_threads = max(1, share)
+
+
+def router_config(args: argparse.Namespace) -> RouterConfig:
+    host = args.host if args.host not in ("0.0.0.0", "", "::") else "127.0.0.1"
+    return RouterConfig(
+        rendezvous=args.rendezvous or f"{host}:{args.port + 1}",
+        policy=args.policy,
+        tree_ttl_s=args.tree_ttl,
+        tree_max_blocks=args.tree_max_blocks,
+        cost_profile=args.cost_profile,
+        dead_after_s=args.peer_timeout,
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export-hf"]:
         return _export(build_export_parser().parse_args(argv[1:]))
+    if argv[:1] == ["profile"]:
+        from memserve.scheduler.profile import main as profile_main
+
+        return profile_main(argv[1:])
+    if argv[:1] == ["cluster"]:
+        from memserve.launch import main as cluster_main
+
+        return cluster_main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
-    if args.role not in _AVAILABLE_ROLES:
-        parser.exit(
-            2,
-            f"memserve-node: role {args.role!r} is not yet available in this build "
-            f"(available: {', '.join(_AVAILABLE_ROLES)})\n",
-        )
     try:
-        disagg = disagg_config(args)
-        config = engine_config(args, disagg)
+        if args.layout is not None:
+            apply_layout(args, dict(os.environ))
         server = ServerConfig(
             host=args.host, port=args.port, log_format=args.log_format, log_level=args.log_level
         )
+        if args.role == "scheduler":
+            return _run_scheduler(args, server)
+        disagg = disagg_config(args)
+        config = engine_config(args, disagg)
     except ValueError as e:
         parser.exit(2, f"memserve-node: {e}\n")
     from memserve.node import run_node
 
-    return run_node(config, server, args.num_threads, args.role, disagg)
+    return run_node(
+        config, server, args.num_threads, args.role, disagg, args.scheduler_url, args.instance_id
+    )
+
+
+def _run_scheduler(args: argparse.Namespace, server: ServerConfig) -> int:
+    model = engine_config(args).model
+    router = router_config(args)
+    from memserve.node import run_scheduler
+
+    return run_scheduler(model, args.block_size, router, server)
 
 
 def _export(args: argparse.Namespace) -> int:

@@ -195,3 +195,35 @@ class DisaggConfig:
     def send_back(self) -> bool:
         """The decode instance sends the generated tokens' KV back to the prefill instance."""
         return self.pd_caching == "full"
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    """The global scheduler (``--role scheduler``).
+
+    ``policy``: ``round_robin``, ``least_load``, ``session`` or ``prompt_tree`` (MemServe's).
+    ``tree_ttl_s``: how long the global prompt trees believe an instance holds a prefix it was
+    seen with (instances do not report evictions). ``tree_max_blocks``: size bound per tree
+    (LRU pruning past it). ``cost_profile``: a ``memserve-node profile`` JSON file (None:
+    built-in rough defaults, refined online from the instances' step times). ``rendezvous``:
+    ``host:port`` of the TCPStore the scheduler hosts for its instances' KV transfers.
+    ``dead_after_s``: an instance silent this long is dropped. ``max_attempts``: instances a
+    request is offered to when it fails before any output (re-dispatch).
+    """
+
+    rendezvous: str
+    policy: str = "prompt_tree"
+    tree_ttl_s: float = 300.0
+    tree_max_blocks: int = 1 << 20
+    cost_profile: str | None = None
+    dead_after_s: float = 3.0
+    max_attempts: int = 3
+
+    def __post_init__(self) -> None:
+        if self.tree_ttl_s <= 0 or self.tree_max_blocks < 1 or self.dead_after_s <= 0:
+            raise ValueError("tree_ttl_s, tree_max_blocks and dead_after_s must be positive")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        host, _, port = self.rendezvous.rpartition(":")
+        if not host or not port.isdigit():
+            raise ValueError(f"rendezvous must be host:port, got {self.rendezvous!r}")

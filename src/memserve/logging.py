@@ -21,7 +21,8 @@ from aiohttp.web_response import StreamResponse
 LogFormat = Literal["console", "json"]
 
 QUIET_ACCESS_PATHS = frozenset({"/health", "/metrics"})
-"""Paths whose access-log lines are at debug level (load balancers probe them constantly)."""
+"""Paths whose access-log lines are at debug level (load balancers probe them constantly), as are
+successful calls of the internal API (``/internal/*``: heartbeats, dispatch, transfers)."""
 
 
 def _orjson_dumps(event: Any, **kwargs: Any) -> str:
@@ -86,7 +87,10 @@ class AccessLogger(AbstractAccessLogger):
     """
 
     def log(self, request: BaseRequest, response: StreamResponse, time: float) -> None:
-        level = logging.DEBUG if request.path in QUIET_ACCESS_PATHS else logging.INFO
+        quiet = request.path in QUIET_ACCESS_PATHS or (
+            request.path.startswith("/internal/") and response.status < 400
+        )
+        level = logging.DEBUG if quiet else logging.INFO
         if not self.logger.isEnabledFor(level):
             return
         fields = {

@@ -7,10 +7,15 @@ today; the global scheduler's dispatcher will implement it when instances live i
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
+from contextvars import ContextVar
 from typing import Protocol
 
 from memserve.engine.types import RequestOutput, SamplingParams
 from memserve.model.tokenizer import Tokenizer
+
+SESSION_ID: ContextVar[str | None] = ContextVar("memserve_session_id", default=None)
+"""The session a request belongs to (``X-Session-Id`` header, else the OpenAI ``user`` field),
+set by the HTTP handler for the scheduler's ``session`` policy; engines ignore it."""
 
 
 class EngineClient(Protocol):

@@ -42,7 +42,12 @@ from memserve.engine.types import (
     Prefilled,
     RequestOutput,
     SamplingParams,
-    TokenLogprob,
+)
+from memserve.engine.wire import (
+    logprob_from_json,
+    logprob_to_json,
+    params_from_json,
+    params_to_json,
 )
 from memserve.mempool.block_allocator import NoFreeBlocksError
 from memserve.mempool.distributed import (
@@ -61,27 +66,6 @@ from memserve.transport.registry import InstanceInfo, Registry
 log = structlog.get_logger(__name__)
 
 MAX_PREFILL_ATTEMPTS = 2
-
-
-def params_to_json(params: SamplingParams) -> dict[str, Any]:
-    return dataclasses.asdict(params)
-
-
-def params_from_json(d: dict[str, Any]) -> SamplingParams:
-    d = dict(d)
-    d["stop"] = tuple(d.get("stop", ()))
-    d["stop_token_ids"] = tuple(d.get("stop_token_ids", ()))
-    return SamplingParams(**d)
-
-
-def _logprob_to_json(lp: TokenLogprob | None) -> list[Any] | None:
-    return None if lp is None else [lp.token_id, lp.logprob, [list(t) for t in lp.top]]
-
-
-def _logprob_from_json(v: list[Any] | None) -> TokenLogprob | None:
-    if v is None:
-        return None
-    return TokenLogprob(int(v[0]), float(v[1]), tuple((int(t), float(p)) for t, p in v[2]))
 
 
 def prefill_params(params: SamplingParams) -> SamplingParams:
@@ -133,9 +117,7 @@ class PrefillWorker:
         state = final.sampler_state
         return {
             "first_token": final.new_token_ids[0],
-            "first_logprob": _logprob_to_json(
-                final.new_logprobs[0] if final.new_logprobs else None
-            ),
+            "first_logprob": logprob_to_json(final.new_logprobs[0] if final.new_logprobs else None),
             "num_cached_tokens": final.num_cached_tokens,
             "num_cached_tokens_dram": final.num_cached_tokens_dram,
             "sampler_state": None if state is None else base64.b64encode(state).decode(),
@@ -185,10 +167,18 @@ class DecodeFront:
         return self.engine.render_metrics()
 
     async def generate(
-        self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
+        self,
+        request_id: str,
+        prompt_token_ids: Sequence[int],
+        params: SamplingParams,
+        prefill_id: str | None = None,
     ) -> AsyncIterator[RequestOutput]:
+        """``prefill_id``: the prefill instance to try first (the global scheduler's choice);
+        else they take turns."""
         self.engine.engine.validate(prompt_token_ids, params)
-        prefilled, peer = await self._prefill(request_id, list(prompt_token_ids), params)
+        prefilled, peer = await self._prefill(
+            request_id, list(prompt_token_ids), params, prefill_id
+        )
         stream = self.engine.generate_prefilled(request_id, prompt_token_ids, params, prefilled)
         async for out in stream:
             if out.finished and prefilled.keep_kv:
@@ -201,21 +191,22 @@ class DecodeFront:
 
     # ---- steps ----------------------------------------------------------------------------
 
-    def _prefill_peers(self) -> list[Peer]:
+    def _prefill_peers(self, first: str | None) -> list[Peer]:
         live = self.registry.live("prefill")
         if not live:
             return []
         start = next(self._round_robin) % len(live)
         order = live[start:] + live[:start]
+        order.sort(key=lambda p: p.endpoint.instance_id != first)  # stable: ``first`` first
         return [Peer(p.endpoint, p.url) for p in order[:MAX_PREFILL_ATTEMPTS]]
 
     async def _prefill(
-        self, request_id: str, prompt: list[int], params: SamplingParams
+        self, request_id: str, prompt: list[int], params: SamplingParams, first: str | None
     ) -> tuple[Prefilled, Peer]:
         """Steps 1-4 on the first prefill instance that succeeds; 503 if none does."""
         arrival = time.monotonic()
         errors: list[str] = []
-        for peer in self._prefill_peers():
+        for peer in self._prefill_peers(first):
             try:
                 return await self._prefill_on(peer, request_id, prompt, params, arrival), peer
             except TransferError as e:
@@ -261,7 +252,7 @@ class DecodeFront:
             hold_key=key,
             num_cached_blocks=ticket.num_cached_blocks,
             first_token=int(reply["first_token"]),
-            first_logprob=_logprob_from_json(reply.get("first_logprob")),
+            first_logprob=logprob_from_json(reply.get("first_logprob")),
             num_cached_tokens=int(reply["num_cached_tokens"]),
             num_cached_tokens_dram=int(reply.get("num_cached_tokens_dram", 0)),
             arrival_time=arrival,

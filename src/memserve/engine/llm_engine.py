@@ -8,7 +8,8 @@ loop, or offline code). Every request added gets exactly one ``RequestOutput`` w
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
+from collections import deque
+from collections.abc import Callable, Sequence
 
 import structlog
 import torch
@@ -20,12 +21,13 @@ from memserve.engine.kv_manager import KVCacheManager
 from memserve.engine.model_runner import ModelRunner, RunnerOutput
 from memserve.engine.request import LayerSink, Request
 from memserve.engine.sampler import Sampler
-from memserve.engine.scheduler import Scheduler, SchedulerOutput
+from memserve.engine.scheduler import ScheduledChunk, Scheduler, SchedulerOutput
 from memserve.engine.types import (
     Prefilled,
     RequestError,
     RequestOutput,
     SamplingParams,
+    StepSample,
     TokenLogprob,
 )
 from memserve.hardware import keep_freed_memory
@@ -39,6 +41,7 @@ from memserve.model.loader import LoadedModel, load_model, resolve_dtype
 log = structlog.get_logger(__name__)
 
 _GIB = 1 << 30
+MAX_STEP_SAMPLES = 512  # steps kept for ``drain_step_samples``; older ones are dropped
 
 
 class LLMEngine:
@@ -68,6 +71,10 @@ class LLMEngine:
         self.eos_token_ids = self.tokenizer.eos_token_ids
         self._requests: dict[str, Request] = {}
         self._aborted: list[Request] = []
+        self._step_samples: deque[StepSample] = deque(maxlen=MAX_STEP_SAMPLES)
+        # Times each step's forward pass for its StepSample. Wall time; the profiler may use
+        # time.thread_time on one CPU thread, which other processes' load does not inflate.
+        self.step_clock: Callable[[], float] = time.perf_counter
         log.info(
             "engine ready",
             model=mc.model,
@@ -245,8 +252,18 @@ class LLMEngine:
     def step(self) -> list[RequestOutput]:
         outputs = [self._abort_output(r) for r in self._drain_aborted()]
         scheduled = self.scheduler.schedule()
+        started = self.step_clock()
         result = self.runner.execute(scheduled)
+        if scheduled.chunks:
+            seconds = self.step_clock() - started
+            self._step_samples.append(step_sample(scheduled.chunks, seconds))
         return outputs + self._update(scheduled, result)
+
+    def drain_step_samples(self) -> list[StepSample]:
+        """The steps run since the last call (the latest ``MAX_STEP_SAMPLES``), oldest first."""
+        samples = list(self._step_samples)
+        self._step_samples.clear()
+        return samples
 
     def _drain_aborted(self) -> list[Request]:
         aborted, self._aborted = self._aborted, []
@@ -386,3 +403,30 @@ class LLMEngine:
             prefix_hit_tokens=hit_tokens,
             evicted_blocks=evicted,
         )
+
+
+def step_sample(chunks: Sequence[ScheduledChunk], seconds: float) -> StepSample:
+    """The cost model's features of a step (see ``StepSample``)."""
+    prefill_tokens = prefill_chunks = decode_seqs = decode_context = 0
+    attn_fresh = attn_context = 0.0
+    for c in chunks:
+        s, n = c.start, c.num_tokens
+        if n == 1 and s >= c.request.num_prompt_tokens:
+            decode_seqs += 1
+            decode_context += s + 1
+            continue
+        prefill_tokens += n
+        prefill_chunks += 1
+        if s == 0:
+            attn_fresh += n * n / 2
+        else:
+            attn_context += n * (s + n)
+    return StepSample(
+        prefill_tokens,
+        prefill_chunks,
+        attn_fresh,
+        attn_context,
+        decode_seqs,
+        decode_context,
+        seconds,
+    )

@@ -24,6 +24,11 @@ class EngineOverloadedError(RuntimeError):
     """The waiting queue is full (maps to HTTP 503 with ``Retry-After``)."""
 
 
+class UpstreamError(RuntimeError):
+    """The instance serving the request failed after it had started answering (maps to HTTP 502
+    ``upstream_error``; in a stream, an error event). Raised by the global scheduler."""
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     """Per-request generation parameters, with vLLM's names where OpenAI has none.
@@ -125,3 +130,25 @@ class Prefilled:
     generator_state: bytes | None = None
     keep_kv: bool = False
     num_cached_tokens_dram: int = 0  # of ``num_cached_tokens``, swapped in from DRAM there
+
+
+@dataclass(frozen=True)
+class StepSample:
+    """One engine step's work and the wall time of its forward pass: a row the cost model
+    (``scheduler.cost_model``) fits on. Plain numbers, so instances can ship them in heartbeats.
+
+    A chunk computing positions ``[s, s + n)`` is a decode chunk iff ``n == 1`` and ``s`` is at
+    or past its request's prompt length; every other chunk is prefill (a prompt's last token
+    alone included). Prefill attention is counted in query-key pairs, apart for its two kernels:
+    a chunk with nothing before it (``s == 0``) runs causal self-attention, ``n^2 / 2`` pairs;
+    one after earlier (cached or computed) context runs its queries against all ``s + n`` keys
+    under a mask, ``n * (s + n)`` pairs. ``seconds``: the wall time of ``ModelRunner.execute``.
+    """
+
+    prefill_tokens: int
+    prefill_chunks: int
+    prefill_attn_fresh: float  # over prefill chunks with s == 0: n^2 / 2
+    prefill_attn_context: float  # over prefill chunks with s > 0: n * (s + n)
+    decode_seqs: int
+    decode_context: int  # over decode chunks: s + 1, the keys each reads
+    seconds: float

@@ -180,6 +180,29 @@ class DistributedMemPool:
         ticket = Ticket.from_dict(await self.post(peer, "/internal/kv/offer", body))
         return await self.push(peer, ticket, block_ids)
 
+    async def send_cached(self, peer: Peer, tokens: Sequence[int]) -> int:
+        """Send the KV this instance has cached of ``tokens`` (its matched whole blocks) to
+        ``peer``, inserted there (only what the peer lacks moves). The blocks are pinned
+        (locked, swapped in from DRAM) for the duration. Returns the tokens offered (0: none
+        cached here)."""
+        key = f"send-cached/{self._new_id()}"
+
+        def pin(pool: MemPool) -> tuple[int, list[int]]:
+            num_tokens = len(pool.match(tokens).blocks) * pool.block_size
+            if num_tokens == 0:
+                return 0, []
+            pool.reserve(key, tokens[:num_tokens])
+            return num_tokens, list(pool.holds[key].block_ids)
+
+        num_tokens, block_ids = await self.run(pin)
+        if not num_tokens:
+            return 0
+        try:
+            await self.transfer_with_insert(peer, tokens[:num_tokens], block_ids)
+        finally:
+            await self._release(key)
+        return num_tokens
+
     async def transfer(
         self,
         peer: Peer,

@@ -60,6 +60,16 @@ def load_model(model: str, dtype: torch.dtype, device: torch.device, seed: int =
     return LoadedModel(arch, weights, Tokenizer.from_pretrained(path))
 
 
+def load_tokenizer(model: str) -> tuple[LlamaArch, Tokenizer]:
+    """The architecture and tokenizer of ``model`` without its weights (the global scheduler
+    tokenizes for its instances)."""
+    if model.startswith(DUMMY_PREFIX):
+        arch = dummy_arch(model)
+        return arch, Tokenizer.dummy(arch.vocab_size)
+    path = Path(model)
+    return read_arch(path), Tokenizer.from_pretrained(path)
+
+
 def dummy_arch(model: str) -> LlamaArch:
     preset = model.removeprefix(DUMMY_PREFIX)
     if preset not in PRESETS:

@@ -12,6 +12,7 @@ Mapping (the only place where exceptions become HTTP statuses):
 | ``RequestError`` (tokenizer, engine, …) | 400    | ``invalid_request_error`` |
 | ``EngineOverloadedError``               | 503    | ``server_overloaded`` + ``Retry-After`` |
 | aiohttp ``HTTPException`` (404, 405, …) | same   | ``invalid_request_error`` |
+| ``UpstreamError`` (scheduler: an instance failed mid-request) | 502 | ``upstream_error`` |
 | anything else (a bug)                   | 500    | ``server_error``, logged with its traceback |
 """
 
@@ -24,7 +25,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from memserve.engine.types import EngineOverloadedError, RequestError
+from memserve.engine.types import EngineOverloadedError, RequestError, UpstreamError
 
 log = structlog.stdlib.get_logger(__name__)
 
@@ -101,6 +102,8 @@ def to_api_error(exc: Exception) -> APIError:
         return bad_request(str(exc), exc.param)
     if isinstance(exc, EngineOverloadedError):
         return overloaded(str(exc) or "The server is overloaded, please retry later")
+    if isinstance(exc, UpstreamError):
+        return APIError(502, str(exc), type="upstream_error", code="instance_failed")
     return internal_error()
 
 

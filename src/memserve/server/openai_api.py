@@ -26,7 +26,7 @@ import orjson
 import structlog
 from aiohttp import web
 
-from memserve.engine.client import EngineClient
+from memserve.engine.client import SESSION_ID, EngineClient
 from memserve.engine.types import RequestOutput, SamplingParams
 from memserve.logging import AccessLogger
 from memserve.metrics import CONTENT_TYPE as METRICS_CONTENT_TYPE
@@ -114,7 +114,9 @@ async def run_server(
 
 async def create_completion(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    parsed = parse_completion_request(await read_json_object(request), engine.max_model_len)
+    body = await read_json_object(request)
+    parsed = parse_completion_request(body, engine.max_model_len)
+    set_session(request, body)
     check_model(engine, parsed.options.model)
     prompts = [completion_prompt_ids(p, engine.tokenizer) for p in parsed.prompts]
     builder = CompletionResponseBuilder(
@@ -127,7 +129,9 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
 
 async def create_chat_completion(request: web.Request) -> web.StreamResponse:
     engine = request.app[ENGINE]
-    parsed = parse_chat_request(await read_json_object(request), engine.max_model_len)
+    body = await read_json_object(request)
+    parsed = parse_chat_request(body, engine.max_model_len)
+    set_session(request, body)
     check_model(engine, parsed.options.model)
     text = engine.tokenizer.apply_chat_template(parsed.messages, parsed.add_generation_prompt)
     # The template already holds BOS and friends.
@@ -138,6 +142,12 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         with_logprobs=parsed.options.params.logprobs is not None,
     )
     return await generate(request, parsed.options, [prompt], builder, param="messages")
+
+
+def set_session(request: web.Request, body: dict[str, object]) -> None:
+    """Name the request's session for the router: ``X-Session-Id``, else the ``user`` field."""
+    user = body.get("user")
+    SESSION_ID.set(request.headers.get("X-Session-Id") or (user if isinstance(user, str) else None))
 
 
 async def list_models(request: web.Request) -> web.Response:

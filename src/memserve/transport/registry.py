@@ -151,3 +151,31 @@ class Registry:
     @staticmethod
     def _hb(info: InstanceInfo) -> str:
         return f"hb/{info.endpoint.key}"
+
+
+def wait_all_left(store: Store, timeout_s: float, silent_s: float = 3.0) -> bool:
+    """Block until every instance registered in ``store`` has left (cleanly, or silent for
+    ``silent_s``), at most ``timeout_s``; True if they all did. The store's host calls it
+    before closing the store, so that leaving instances still reach it."""
+    store = store.clone()  # type: ignore[attr-defined]  # torch's stub lacks it
+    deadline = time.monotonic() + timeout_s
+    last: dict[str, tuple[int, float]] = {}
+    while True:
+        now = time.monotonic()
+        alive = 0
+        for index in range(store.add("instances/n", 0)):
+            info = InstanceInfo.from_json(store.get(f"instances/{index}"))
+            key = f"hb/{info.endpoint.key}"
+            count = store.add(key, 0)
+            if count < 0:
+                continue
+            seen = last.get(key)
+            if seen is None or seen[0] != count:
+                last[key] = (count, now)
+            if now - last[key][1] < silent_s:
+                alive += 1
+        if alive == 0:
+            return True
+        if now > deadline:
+            return False
+        time.sleep(0.1)

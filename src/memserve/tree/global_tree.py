@@ -30,8 +30,8 @@ from collections.abc import Iterator, Sequence
 class _Node:
     __slots__ = ("children", "edge", "holders", "last_used", "node_id", "parent")
 
-    def __init__(self, edge: tuple[int, ...], parent: _Node | None, node_id: int) -> None:
-        self.edge = edge  # whole blocks of tokens
+    def __init__(self, edge: list[int], parent: _Node | None, node_id: int) -> None:
+        self.edge = edge  # whole blocks of tokens (a list: compared with prompt slices as is)
         self.parent = parent
         self.children: dict[tuple[int, ...], _Node] = {}  # keyed by their first block
         self.holders: dict[str, float] = {}  # instance id -> expiry time
@@ -47,7 +47,7 @@ class GlobalPromptTree:
         self.ttl_s = ttl_s
         self.max_blocks = max_blocks
         self._ids = itertools.count()
-        self.root = _Node((), None, next(self._ids))
+        self.root = _Node([], None, next(self._ids))
         self.num_blocks = 0
 
     # ---- queries --------------------------------------------------------------------------
@@ -66,15 +66,15 @@ class GlobalPromptTree:
     def insert(self, tokens: Sequence[int], instance_id: str, now: float) -> None:
         """``instance_id`` holds the whole blocks of ``tokens`` until ``now + ttl_s``."""
         bs = self.block_size
-        key = tuple(tokens[: len(tokens) // bs * bs])
+        key = list(tokens[: len(tokens) // bs * bs])
         expiry = now + self.ttl_s
         node, pos = self.root, 0
         while pos < len(key):
-            child = node.children.get(key[pos : pos + bs])
+            child = node.children.get(tuple(key[pos : pos + bs]))
             if child is None:
                 child = self._add(node, key[pos:])
             else:
-                same = _common_blocks(child.edge, key, pos, bs)
+                same = _common_blocks(child.edge, key, pos, bs, len(key))
                 if same < len(child.edge):
                     child = self._split(child, same)
             child.holders[instance_id] = expiry
@@ -94,22 +94,23 @@ class GlobalPromptTree:
         """The nodes along ``tokens`` someone still holds, each with the matched depth in tokens
         (a partly matched last edge counts its matched blocks). Stamps them as used."""
         bs = self.block_size
-        key = tuple(tokens[: len(tokens) // bs * bs])
+        key = tokens if isinstance(tokens, list) else list(tokens)  # no copy of a list prompt
+        end = len(key) // bs * bs
         node, pos = self.root, 0
-        while pos < len(key):
-            child = node.children.get(key[pos : pos + bs])
+        while pos < end:
+            child = node.children.get(tuple(key[pos : pos + bs]))
             if child is None or not any(e > now for e in child.holders.values()):
                 return  # children never outlive their parent's holders
-            same = _common_blocks(child.edge, key, pos, bs)
+            same = _common_blocks(child.edge, key, pos, bs, end)
             child.last_used = now
             yield child, pos + same
             if same < len(child.edge):
                 return
             node, pos = child, pos + same
 
-    def _add(self, parent: _Node, edge: tuple[int, ...]) -> _Node:
+    def _add(self, parent: _Node, edge: list[int]) -> _Node:
         node = _Node(edge, parent, next(self._ids))
-        parent.children[edge[: self.block_size]] = node
+        parent.children[tuple(edge[: self.block_size])] = node
         self.num_blocks += len(edge) // self.block_size
         return node
 
@@ -119,10 +120,10 @@ class GlobalPromptTree:
         head = _Node(node.edge[:at], node.parent, next(self._ids))
         head.holders = dict(node.holders)
         head.last_used = node.last_used
-        node.parent.children[head.edge[: self.block_size]] = head
+        node.parent.children[tuple(head.edge[: self.block_size])] = head
         node.edge = node.edge[at:]
         node.parent = head
-        head.children[node.edge[: self.block_size]] = node
+        head.children[tuple(node.edge[: self.block_size])] = node
         return head
 
     def _prune(self, target: int, now: float) -> None:
@@ -133,7 +134,7 @@ class GlobalPromptTree:
             _, _, leaf = heapq.heappop(heap)
             parent = leaf.parent
             assert parent is not None
-            del parent.children[leaf.edge[: self.block_size]]
+            del parent.children[tuple(leaf.edge[: self.block_size])]
             self.num_blocks -= len(leaf.edge) // self.block_size
             if not parent.children and parent is not self.root:
                 heapq.heappush(heap, (_prune_key(parent, now), parent.node_id, parent))
@@ -151,10 +152,10 @@ def _prune_key(node: _Node, now: float) -> tuple[bool, float]:
     return (any(e > now for e in node.holders.values()), node.last_used)
 
 
-def _common_blocks(edge: tuple[int, ...], key: tuple[int, ...], pos: int, bs: int) -> int:
-    """Tokens (whole blocks) ``edge`` shares with ``key[pos:]``; at least the first block."""
-    n = min(len(edge), len(key) - pos)
-    if edge[:n] == key[pos : pos + n]:
+def _common_blocks(edge: list[int], key: Sequence[int], pos: int, bs: int, end: int) -> int:
+    """Tokens (whole blocks) ``edge`` shares with ``key[pos:end]``; at least the first block."""
+    n = min(len(edge), end - pos)
+    if (edge if n == len(edge) else edge[:n]) == key[pos : pos + n]:
         return n
     same = bs
     while same < n and edge[same : same + bs] == key[pos + same : pos + same + bs]:
