@@ -35,7 +35,14 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from memserve.scheduler.policy import POLICIES, make_policy
-from memserve.scheduler.types import InstanceView, Load, RouteRequest, Trees
+from memserve.scheduler.types import (
+    InstanceView,
+    Load,
+    RouteRequest,
+    Trees,
+    make_trees,
+    tree_blocks,
+)
 from memserve.tree.global_tree import GlobalPromptTree
 
 BLOCK_SIZE = 16
@@ -91,7 +98,7 @@ def build_cluster(
         "decode": [f"d{i:02}" for i in range(num_d)],
     }
     views = [InstanceView(i, role) for role, role_ids in ids.items() for i in role_ids]
-    trees = {role: GlobalPromptTree(BLOCK_SIZE, ttl_s=1e9) for role in ids}
+    trees = make_trees(BLOCK_SIZE, 1e9, 1 << 30)  # as the scheduler builds them: one, shared
     docs = [_tokens(rng, rng.randrange(1024, 4097)) for _ in range(num_documents)]
     work = Workload(docs, [])
     for doc in docs:
@@ -99,7 +106,7 @@ def build_cluster(
             trees[v.role].insert(doc, v.instance_id, 0.0)
 
     def indexed() -> int:
-        return sum(t.num_blocks for t in trees.values()) * BLOCK_SIZE
+        return tree_blocks(trees) * BLOCK_SIZE
 
     while indexed() < cached_tokens:
         prompt = list(rng.choice(docs))
@@ -211,10 +218,11 @@ def bench_cluster(
     rng = random.Random(seed)
     shape = CLUSTERS[cluster]
     views, trees, work = build_cluster(shape, cached_tokens, num_documents, rng)
-    indexed = sum(t.num_blocks for t in trees.values()) * BLOCK_SIZE
+    indexed = tree_blocks(trees) * BLOCK_SIZE
     requests = draw_requests(work, num_requests, rng)
     snapshots = load_snapshots(views, rng)
     roles = [role for role, n in zip(("colocated", "prefill", "decode"), shape, strict=True) if n]
+    roles = list({id(trees[role]): role for role in roles}.values())  # each tree matched once
     mean_tokens = sum(len(r.tokens) for r in requests) / len(requests)
     print(f"# {cluster}: {shape[0]} colocated, {shape[1]} prefill, {shape[2]} decode | "
           f"prompts {mean_tokens:.0f} tokens on average")  # fmt: skip

@@ -10,7 +10,7 @@ special tokens):
 
 - ``--docs`` documents of ``--doc-tokens`` random tokens: the long shared prefixes.
 - ``docs * --share-ratio`` sessions; each document is read by ``share_ratio`` sessions (in a
-  shuffled order, so the readers of one document arrive apart). Sessions arrive open-loop,
+  shuffled order, so a document's readers are spread over the run). Sessions arrive open-loop,
   Poisson at ``--rate`` sessions per second.
 - Each session asks ``--questions`` questions of ``--question-tokens`` random tokens in turn
   (closed-loop: the next is sent when the previous answer has ended). The prompt is the document,
@@ -24,12 +24,20 @@ Measured at the client (streaming, official ``openai`` client): TTFT (send -> fi
 tokens each one computed (their sum is the cluster's prefill work; max / mean shows imbalance).
 P99 is the nearest rank (with under 100 requests, the slowest one).
 
+Default size (measured on a 2-vCPU VM, ``dummy:small``, 1 torch thread per instance): a cold
+2048-token prefill takes ~3 s alone; at 0.45 sessions/s the prefill instances queue under
+session routing (a cold read waits about twice its own time) and least_load nears saturation,
+while at 0.3/s queueing hardly shows and at 0.6/s every policy but prompt_tree saturates. The
+three policies take 7-10 minutes in all, cluster starts included (the Poisson draw sets how long
+the arrivals last).
+
     .venv/bin/python benchmarks/routing_policies.py [--policies least_load session prompt_tree]
-        [--docs 10 --share-ratio 3 --questions 3 --rate 0.3] [--log-level debug --log-dir DIR]
+        [--docs 20 --share-ratio 3 --questions 3 --rate 0.45] [--log-level debug --log-dir DIR]
         [--quick]
 
 Other ``memserve-node`` flags for every process: ``--node-args "--num-kv-blocks 1024"``.
-``--log-level debug`` makes the scheduler log each routing decision with its cost terms.
+``--log-level`` goes to every process; at ``debug`` the scheduler logs each routing decision
+with its cost terms (``--log-dir`` keeps the logs).
 """
 
 from __future__ import annotations
@@ -56,7 +64,7 @@ from typing import Any
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from memserve.bench.launch import NODE_COMMAND, free_port, stop, wait_healthy
+from memserve.bench.launch import NODE_COMMAND, free_port, stop, wait_healthy, wait_serving
 from memserve.model.tokenizer import Tokenizer
 
 POLICIES = ("least_load", "session", "prompt_tree")
@@ -256,7 +264,7 @@ async def replay(url: str, args: argparse.Namespace, workload: Workload) -> list
 
 @contextmanager
 def cluster(policy: str, args: argparse.Namespace, log_path: Path) -> Iterator[str]:
-    """``memserve-node cluster --prefill 3 --decode 1 --policy POLICY``; yields its URL once a
+    """``memserve-node cluster --prefill N --decode 1 --policy POLICY``; yields its URL once a
     request went through (a decode instance serves once it has seen a prefill instance)."""
     port = free_port()
     cmd = [
@@ -288,19 +296,6 @@ def wait_joined(url: str, num_prefill: int, timeout_s: float = 120) -> None:
         if time.monotonic() > deadline:
             raise TimeoutError(f"instances ready after {timeout_s} s: {roles}")
         time.sleep(0.2)
-
-
-def wait_serving(url: str, model: str, timeout_s: float = 60) -> None:
-    client = openai.OpenAI(base_url=url + "/v1", api_key="unused", max_retries=0, timeout=30)
-    deadline = time.monotonic() + timeout_s
-    while True:
-        try:
-            client.completions.create(model=model, prompt=[5, 6, 7], max_tokens=1)
-            return
-        except openai.APIStatusError as e:
-            if e.status_code != 503 or time.monotonic() > deadline:
-                raise
-            time.sleep(0.2)
 
 
 def get(url: str) -> bytes:
@@ -436,13 +431,13 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--policies", nargs="+", choices=POLICIES, default=list(POLICIES))
     p.add_argument("--model", default="dummy:small", help="a dummy:<preset> (token ids read back)")
     p.add_argument("--prefill", type=int, default=3, help="prefill instances (and 1 decode)")
-    p.add_argument("--docs", type=int, default=10)
+    p.add_argument("--docs", type=int, default=20)
     p.add_argument("--doc-tokens", type=int, default=2048)
     p.add_argument("--share-ratio", type=int, default=3, help="sessions per document")
     p.add_argument("--questions", type=int, default=3, help="per session")
     p.add_argument("--question-tokens", type=int, default=32)
     p.add_argument("--answer-tokens", type=int, default=16)
-    p.add_argument("--rate", type=float, default=0.3, help="session arrivals per second")
+    p.add_argument("--rate", type=float, default=0.45, help="session arrivals per second")
     p.add_argument("--max-num-batched-tokens", type=int, default=512)
     p.add_argument("--node-args", default="", help="more memserve-node flags for every process")
     p.add_argument("--log-level", default="warning", help="every process's (debug: decisions)")

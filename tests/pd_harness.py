@@ -20,7 +20,14 @@ from typing import Any, Literal
 
 import openai
 
-from memserve.bench.launch import NODE_COMMAND, RunningNode, free_port, stop, wait_healthy
+from memserve.bench.launch import (
+    NODE_COMMAND,
+    RunningNode,
+    free_port,
+    stop,
+    wait_healthy,
+    wait_serving,
+)
 
 MODEL = "dummy:tiny"
 BLOCK = 16
@@ -132,17 +139,8 @@ class Cluster:
         return node
 
     def wait_ready(self, timeout_s: float = 30) -> None:
-        """Until a tiny completion succeeds (503 while no prefill instance is registered)."""
-        client = self.client(10)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=1)
-                return
-            except openai.APIStatusError as e:
-                if e.status_code != 503 or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        """Until a tiny completion gets through (503 while no prefill instance is seen)."""
+        wait_serving(self.decode.url, MODEL, timeout_s)
 
     def __enter__(self) -> Cluster:
         return self

@@ -20,7 +20,14 @@ from typing import Any
 
 import openai
 
-from memserve.bench.launch import NODE_COMMAND, RunningNode, free_port, stop, wait_healthy
+from memserve.bench.launch import (
+    NODE_COMMAND,
+    RunningNode,
+    free_port,
+    stop,
+    wait_healthy,
+    wait_serving,
+)
 
 MODEL = "dummy:tiny"
 NODE_ARGS = ("--model", MODEL, "--dtype", "float32", "--num-kv-blocks", "512", "--num-threads", "1")
@@ -85,17 +92,8 @@ class SchedCluster:
             time.sleep(0.1)
 
     def wait_ready(self, timeout_s: float = 30) -> None:
-        """Until a tiny completion gets through the scheduler."""
-        client = self.client(10)
-        deadline = time.monotonic() + timeout_s
-        while True:
-            try:
-                client.completions.create(model=MODEL, prompt=[5, 6, 7], max_tokens=1)
-                return
-            except openai.APIStatusError as e:
-                if e.status_code != 503 or time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        """Until a tiny completion gets through (503 while no prefill instance is seen)."""
+        wait_serving(self.url, MODEL, timeout_s)
 
     def log(self, name: str) -> str:
         return self._logs[name].read_text(errors="replace")

@@ -35,9 +35,8 @@ from memserve.scheduler.metrics import RouterMetrics
 from memserve.scheduler.policy import make_policy
 from memserve.scheduler.registry import InstanceTable
 from memserve.scheduler.router import Router
-from memserve.scheduler.types import INSTANCE_ROLES
+from memserve.scheduler.types import make_trees
 from memserve.server.scheduler_api import build_scheduler_app
-from memserve.tree.global_tree import GlobalPromptTree
 
 Client = TestClient[web.Request, web.Application]
 JSON = dict[str, Any]
@@ -221,7 +220,7 @@ async def scheduler(
 ) -> AsyncIterator[Sched]:
     """The scheduler as ``node.run_scheduler`` assembles it, on a free local port."""
     table = InstanceTable(MODEL, BLOCK_SIZE, dead_after_s)
-    trees = {role: GlobalPromptTree(BLOCK_SIZE) for role in INSTANCE_ROLES}
+    trees = make_trees(BLOCK_SIZE, 300.0, 1 << 20)  # as the scheduler does: one, shared
     router = Router(
         table,
         make_policy(policy, OperatorCostModel.default(bytes_per_token=4096)),
@@ -647,10 +646,10 @@ async def test_pd_trees(send_back: bool) -> None:
         await s.join(FakeInstance("d0", "decode", send_back=send_back))
         await s.oai.completions.create(model=MODEL, prompt=PROMPT, max_tokens=3)
         now = time.monotonic()
-        prefill_held = s.router.trees["prefill"].match(CONVERSATION, now)
-        assert prefill_held == {"p0": 12 if send_back else 8}
-        assert s.router.trees["decode"].match(CONVERSATION, now) == {"d0": 12}
-        assert s.router.trees["colocated"].num_blocks == 0
+        # One tree serves every role; its holders say who holds what.
+        held = s.router.trees["prefill"].match(CONVERSATION, now)
+        assert held == {"p0": 12 if send_back else 8, "d0": 12}
+        assert s.router.trees["decode"] is s.router.trees["prefill"]
 
 
 # ---- observability ------------------------------------------------------------------------------
@@ -669,7 +668,7 @@ async def test_cluster_fields() -> None:
         await s.join(fake, load=load, transfer_bytes=1234)
         state = await s.cluster()
         assert (state["model"], state["policy"], state["healthy"]) == (MODEL, "round_robin", True)
-        assert set(state["trees"]) == set(INSTANCE_ROLES)
+        assert state["tree_blocks"] == 0
         [i] = state["instances"]
         assert (i["id"], i["role"], i["url"], i["pid"]) == ("c0", "colocated", fake.url, 4242)
         assert (i["healthy"], i["ready"], i["keeps"]) == (True, True, True)

@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--tree-max-blocks",
         type=int,
         default=1 << 20,
-        help="scheduler: blocks indexed per global prompt tree before LRU pruning",
+        help="scheduler: blocks the global prompt trees index before LRU pruning",
     )
     p.add_argument(
         "--cost-profile",

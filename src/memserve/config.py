@@ -203,8 +203,8 @@ class RouterConfig:
 
     ``policy``: ``round_robin``, ``least_load``, ``session`` or ``prompt_tree`` (MemServe's).
     ``tree_ttl_s``: how long the global prompt trees believe an instance holds a prefix it was
-    seen with (instances do not report evictions). ``tree_max_blocks``: size bound per tree
-    (LRU pruning past it). ``cost_profile``: a ``memserve-node profile`` JSON file (None:
+    seen with (instances do not report evictions). ``tree_max_blocks``: size bound of the trees
+    (one structure shared by the roles; LRU pruning past it). ``cost_profile``: a ``memserve-node profile`` JSON file (None:
     built-in rough defaults, refined online from the instances' step times). ``rendezvous``:
     ``host:port`` of the TCPStore the scheduler hosts for its instances' KV transfers.
     ``dead_after_s``: an instance silent this long is dropped. ``max_attempts``: instances a

@@ -88,6 +88,7 @@ def main(argv: Sequence[str]) -> int:
     except ValueError as e:
         parser.exit(2, f"memserve-node cluster: {e}\n")
     signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, signal.default_int_handler)  # even if started with it ignored
     # Own sessions: a terminal's Ctrl-C reaches only this process, which stops them in order.
     members = [
         Member(name, subprocess.Popen([*NODE_COMMAND, *cmd], start_new_session=True))

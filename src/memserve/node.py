@@ -58,14 +58,13 @@ from memserve.scheduler.metrics import RouterMetrics
 from memserve.scheduler.policy import make_policy
 from memserve.scheduler.registry import Instance, InstanceTable
 from memserve.scheduler.router import Router
-from memserve.scheduler.types import INSTANCE_ROLES
+from memserve.scheduler.types import make_trees
 from memserve.server.control_api import add_control_routes
 from memserve.server.instance_api import SchedulerLink, add_instance_routes
 from memserve.server.openai_api import build_app, run_server
 from memserve.server.scheduler_api import build_scheduler_app
 from memserve.transport.channels import Channels, Endpoint
 from memserve.transport.registry import InstanceInfo, Registry, wait_all_left
-from memserve.tree.global_tree import GlobalPromptTree
 
 log = structlog.get_logger(__name__)
 
@@ -138,10 +137,7 @@ def run_scheduler(
         log.error("cannot host the rendezvous store", address=router.rendezvous, error=str(e))
         return 2
     table = InstanceTable(model.name, block_size, router.dead_after_s)
-    trees = {
-        role: GlobalPromptTree(block_size, router.tree_ttl_s, router.tree_max_blocks)
-        for role in INSTANCE_ROLES
-    }
+    trees = make_trees(block_size, router.tree_ttl_s, router.tree_max_blocks)
     the_router = Router(
         table,
         make_policy(router.policy, cost),

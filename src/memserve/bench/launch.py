@@ -7,11 +7,13 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
@@ -85,3 +87,21 @@ def local_node(
         yield RunningNode(url, proc)
     finally:
         stop(proc, stop_timeout_s)
+
+
+def wait_serving(url: str, model: str, timeout_s: float = 30) -> None:
+    """Until a one-token completion gets through ``url`` (a cluster answers 503 while its decode
+    instances have not yet seen a prefill instance); other errors raise at once."""
+    body = json.dumps({"model": model, "prompt": [5, 6, 7], "max_tokens": 1}).encode()
+    deadline = time.monotonic() + timeout_s
+    while True:
+        req = urllib.request.Request(
+            url + "/v1/completions", body, {"Content-Type": "application/json"}
+        )
+        try:
+            with urllib.request.urlopen(req, timeout=10):
+                return
+        except urllib.error.HTTPError as e:
+            if e.code != 503 or time.monotonic() > deadline:
+                raise
+            time.sleep(0.2)

@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import itertools
+import math
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -355,18 +356,24 @@ class DistributedMemPool:
         the rest allocated) and return the ticket the sender needs. ``insert``: publish the
         tokens once the data arrived (``transfer_with_insert``); else the hold stays under
         ``key`` for the caller to ``MemPool.take``. ``by_layer``: the data comes as one send
-        per layer (``LayerSender``). Raises ``NoFreeBlocksError`` if no room."""
+        per layer (``LayerSender``). Raises ``NoFreeBlocksError`` if no room.
+
+        A reservation whose commit does not come within the transfer timeout is reaped (the
+        sender died between offer and commit), except one with a caller-owned ``key``: its
+        caller waits for the sender (a prefill that may queue for long) and abandons it
+        itself on failure."""
         transfer_id = self._new_id()
-        key = key or f"in/{transfer_id}"
         use_cache = self.use_cache
+        hold_key = key or f"in/{transfer_id}"
 
         def reserve(pool: MemPool) -> tuple[int, list[int]]:
-            num_cached = pool.reserve(key, tokens, use_cache)
-            return num_cached, pool.holds[key].block_ids[num_cached:]
+            num_cached = pool.reserve(hold_key, tokens, use_cache)
+            return num_cached, pool.holds[hold_key].block_ids[num_cached:]
 
         num_cached, dst = await self._run(reserve)
         num_parts = self.pool.caches[Tier.DEVICE].num_layers if by_layer else 1
-        return self._register(src, key, transfer_id, num_cached, dst, insert, num_parts)
+        owned = key is not None
+        return self._register(src, hold_key, transfer_id, num_cached, dst, insert, num_parts, owned)
 
     async def expect_blocks(
         self, src: Endpoint, hold_key: str, block_ids: Sequence[int], tier: Tier
@@ -471,14 +478,17 @@ class DistributedMemPool:
         dst_block_ids: list[int],
         insert: bool,
         num_parts: int = 1,
+        owned: bool = False,
     ) -> Ticket:
+        """Expect ``transfer_id``; unless ``owned`` (its caller releases it on failure), it is
+        reaped if its commit has not come within the transfer timeout."""
         gen = self._gen.setdefault(src.key, 0)
         num_blocks = len(dst_block_ids)
         # tags for up to one message per block (runs) or per layer
         tag, self._next_tag = self._next_tag, (self._next_tag + num_blocks + num_parts) % (1 << 30)
         dst = tuple(dst_block_ids)
         ticket = Ticket(transfer_id, gen, tag, num_cached, num_blocks, num_parts, dst)
-        deadline = time.monotonic() + self.timeout_s
+        deadline = math.inf if owned else time.monotonic() + self.timeout_s
         self._incoming[transfer_id] = _Incoming(src, key, ticket, insert, deadline)
         return ticket
 

@@ -103,7 +103,22 @@ class CostModel(Protocol):
 
 
 Trees = Mapping[str, GlobalPromptTree]
-"""One global prompt tree per instance role (``colocated``, ``prefill``, ``decode``)."""
+"""The global prompt tree of each instance role (``colocated``, ``prefill``, ``decode``)."""
+
+
+def make_trees(block_size: int, ttl_s: float, max_blocks: int) -> Trees:
+    """The scheduler's trees: one radix structure serves every role. Instance ids are unique
+    across roles, so the per-role trees of the paper are this tree's holders filtered by role;
+    sharing it means a P/D request is matched once, not once per role (policies match a tree
+    shared by several roles once), and P and D holding the same conversation store it once.
+    ``max_blocks`` bounds them all together."""
+    tree = GlobalPromptTree(block_size, ttl_s, max_blocks)
+    return dict.fromkeys(INSTANCE_ROLES, tree)
+
+
+def tree_blocks(trees: Trees) -> int:
+    """Blocks indexed by ``trees`` (a tree shared by several roles counted once)."""
+    return sum(t.num_blocks for t in {id(t): t for t in trees.values()}.values())
 
 
 class Policy(Protocol):

@@ -140,7 +140,11 @@ class SchedulerLink:
         async with aiohttp.ClientSession(timeout=timeout) as http:
             warned = False
             while True:
-                body = await self.engine.call(_report)
+                try:
+                    body = await self.engine.call(_report)
+                except Exception:  # a bug: say so, keep beating (load and samples are extras)
+                    log.exception("cannot report load")
+                    body = {}
                 body.update(self.identity)
                 body["ready"] = self.ready()
                 if self.dmp is not None:

@@ -4,7 +4,7 @@ is its ``EngineClient``), plus
 | route                          | does                                                      |
 |--------------------------------|-----------------------------------------------------------|
 | ``GET /v1/cluster``            | every instance: id, role, url, pid, healthy, load, KV     |
-|                                | blocks per tier and state; the policy; tree sizes         |
+|                                | blocks per tier and state; the policy; blocks in the trees|
 | ``POST /internal/heartbeat``   | an instance's heartbeat (registration is the first one)   |
 | ``GET /internal/cluster-info`` | what a starting instance needs: model, rendezvous address |
 
@@ -23,6 +23,7 @@ from aiohttp import web
 
 from memserve.scheduler.registry import load_to_json
 from memserve.scheduler.router import Router
+from memserve.scheduler.types import tree_blocks
 from memserve.server.errors import bad_request
 from memserve.server.openai_api import build_app, read_json_object
 
@@ -83,7 +84,7 @@ def cluster_state(router: Router) -> dict[str, Any]:
         "policy": router.policy.name,
         "healthy": router.is_healthy(),
         "instances": instances,
-        "trees": {role: tree.num_blocks for role, tree in router.trees.items()},
+        "tree_blocks": tree_blocks(router.trees),
     }
 
 

@@ -56,7 +56,11 @@ class GlobalPromptTree:
         """Per instance, the leading tokens of ``tokens`` (whole blocks) it holds now."""
         held: dict[str, int] = {}
         for node, depth in self._walk(tokens, now):
-            for instance_id, expiry in node.holders.items():
+            holders = node.holders
+            if min(holders.values()) > now:  # the common case: nobody's belief expired here
+                held.update(dict.fromkeys(holders, depth))
+                continue
+            for instance_id, expiry in holders.items():
                 if expiry > now:
                     held[instance_id] = depth
         return held
@@ -99,7 +103,7 @@ class GlobalPromptTree:
         node, pos = self.root, 0
         while pos < end:
             child = node.children.get(tuple(key[pos : pos + bs]))
-            if child is None or not any(e > now for e in child.holders.values()):
+            if child is None or not child.holders or max(child.holders.values()) <= now:
                 return  # children never outlive their parent's holders
             same = _common_blocks(child.edge, key, pos, bs, end)
             child.last_used = now
