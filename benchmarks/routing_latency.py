@@ -43,7 +43,6 @@ from memserve.scheduler.types import (
     make_trees,
     tree_blocks,
 )
-from memserve.tree.global_tree import GlobalPromptTree
 
 BLOCK_SIZE = 16
 VOCAB_SIZE = 32000
@@ -90,7 +89,7 @@ def _tokens(rng: random.Random, n: int) -> list[int]:
 
 def build_cluster(
     shape: tuple[int, int, int], cached_tokens: int, num_documents: int, rng: random.Random
-) -> tuple[list[InstanceView], dict[str, GlobalPromptTree], Workload]:
+) -> tuple[list[InstanceView], Trees, Workload]:
     num_c, num_p, num_d = shape
     ids = {
         "colocated": [f"c{i:02}" for i in range(num_c)],
