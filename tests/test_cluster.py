@@ -123,6 +123,10 @@ def test_next_turn_hits_where_the_prefix_lives(cluster: SchedCluster, reference:
     state = cluster_state(cluster.url)
     assert state["policy"] == "prompt_tree" and state["healthy"]
     assert state["tree_blocks"] >= 5
+    for i in state["instances"]:
+        assert i["device"] == "cpu" and i["ready"] and i["healthy"]
+        if i["role"] != "colocated":  # its KV transport endpoint: id@incarnation
+            assert i["endpoint"].startswith(i["id"] + "@")
     m = metrics(cluster.url)
     role = "prefill" if "prefill" in {i["role"] for i in state["instances"]} else "colocated"
     plan = "pd" if role == "prefill" else "colocated"

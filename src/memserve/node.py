@@ -229,8 +229,15 @@ def open_store(disagg: DisaggConfig) -> TCPStore:
 
 
 def _identity(
-    engine: LLMEngine, instance_id: str, role: str, server: ServerConfig, send_back: bool
+    engine: LLMEngine,
+    instance_id: str,
+    role: str,
+    server: ServerConfig,
+    send_back: bool,
+    endpoint: str | None = None,
 ) -> dict[str, object]:
+    """What an instance tells the scheduler about itself (``endpoint``: its KV transport
+    endpoint, ``id@incarnation`` in the rendezvous store, for P/D instances)."""
     return {
         "id": instance_id,
         "role": role,
@@ -240,6 +247,8 @@ def _identity(
         "incarnation": uuid.uuid4().hex[:12],
         "keeps": engine.kv.enable_caching,
         "send_back": send_back,
+        "device": str(engine.device),
+        "endpoint": endpoint,
     }
 
 
@@ -279,7 +288,7 @@ def build_disagg_app(
             add_instance_routes(app, front.generate, dmp, registry)
         else:
             add_instance_routes(app, _no_generate, dmp, registry)
-        identity = _identity(engine, disagg.instance_id, role, server, disagg.send_back)
+        identity = _identity(engine, disagg.instance_id, role, server, disagg.send_back, me.key)
         ready = (lambda: bool(registry.live("prefill"))) if front is not None else (lambda: True)
         link = SchedulerLink(scheduler_url, identity, async_engine, dmp, ready)
 

@@ -39,6 +39,8 @@ class Instance:
     inflight: int = 0
     transfer_bytes: int = 0  # KV bytes it sent + received (its own counters)
     ready: bool = True  # it can take requests (a decode instance sees a prefill instance)
+    device: str = ""  # e.g. cpu, cuda:0
+    endpoint: str | None = None  # KV transport endpoint in the rendezvous store (P/D roles)
     suspect_until: float = -math.inf  # not routed to until then (it refused a connection)
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -82,6 +84,8 @@ class InstanceTable:
             joined_at=now,
             transfer_bytes=int(body.get("transfer_bytes", 0)),
             ready=bool(body.get("ready", True)),
+            device=str(body.get("device", "")),
+            endpoint=None if body.get("endpoint") is None else str(body["endpoint"]),
         )
         old = self.instances.get(fresh.instance_id)
         if old is None or old.incarnation != fresh.incarnation:

@@ -3,7 +3,8 @@ is its ``EngineClient``), plus
 
 | route                          | does                                                      |
 |--------------------------------|-----------------------------------------------------------|
-| ``GET /v1/cluster``            | every instance: id, role, url, pid, healthy, load, KV     |
+| ``GET /v1/cluster``            | every instance: id, role, url, pid, device, KV endpoint,  |
+|                                | healthy, ready, load, KV                                  |
 |                                | blocks per tier and state; the policy; blocks in the trees|
 | ``POST /internal/heartbeat``   | an instance's heartbeat (registration is the first one)   |
 | ``GET /internal/cluster-info`` | what a starting instance needs: model, rendezvous address |
@@ -68,6 +69,8 @@ def cluster_state(router: Router) -> dict[str, Any]:
                 "role": i.role,
                 "url": i.url,
                 "pid": i.pid,
+                "device": i.device,
+                "endpoint": i.endpoint,
                 "healthy": i.suspect_until <= now,
                 "ready": i.ready,
                 "last_heartbeat_s": round(now - i.last_seen, 3),
