@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import math
+import random
 import statistics
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,11 +17,45 @@ from memserve.bench.workloads import trace as trace_mod
 SMALL = {"sharegpt": 20, "loogle": 12, "react": 20, "trace": 50}
 
 
+REAL_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+
+
+def write_synthetic_trace(path: Path, num: int = 1200, seed: int = 0) -> None:
+    """A Mooncake-format trace (CI has the repository only, not ../shared/traces): sessions
+    whose turns extend their previous prompt, so hash ids are shared as in the real one."""
+    rng = random.Random(seed)
+    sessions: list[list[int]] = []
+    next_id, t = 0, 0
+    with path.open("w") as f:
+        for _ in range(num):
+            if sessions and rng.random() < 0.6:
+                blocks = rng.choice(sessions)
+            else:
+                blocks = []
+                sessions.append(blocks)
+            for _ in range(rng.randint(1, 4)):
+                blocks.append(next_id)
+                next_id += 1
+            input_length = 512 * (len(blocks) - 1) + rng.randint(1, 512)
+            t += rng.randint(0, 900)
+            row = {"timestamp": t, "input_length": input_length,
+                   "output_length": rng.randint(1, 600), "hash_ids": list(blocks)}  # fmt: skip
+            f.write(json.dumps(row) + "\n")
+
+
+@pytest.fixture(autouse=True)
+def synthetic_traces(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    folder = tmp_path_factory.getbasetemp() / "traces"
+    if not folder.exists():
+        folder.mkdir()
+        write_synthetic_trace(folder / "conversation_trace.jsonl")
+    monkeypatch.setenv("MEMSERVE_TRACES", str(folder))
+
+
 def _trace_rows() -> list[trace_mod.TraceRequest]:
-    try:
-        return trace_mod.load_trace(trace_mod.resolve_path("conversation", None))
-    except FileNotFoundError as e:
-        pytest.skip(str(e))
+    return trace_mod.load_trace(trace_mod.resolve_path("conversation", None))
 
 
 def _all_tokens(w: Workload) -> list[int]:
@@ -169,14 +205,17 @@ def test_trace_rate_sets_time_scale() -> None:
 
 
 def test_trace_sharing_matches_the_readme() -> None:
-    rows = _trace_rows()
+    real = REAL_TRACES / "conversation_trace.jsonl"
+    if not real.is_file():  # the one test that needs the real trace (its README's figure)
+        pytest.skip(f"{real} is not beside this checkout")
+    rows = trace_mod.load_trace(real)
     # a window: exactly the hash ids' own sharing (cold start makes it lower than the trace's)
-    w = make_workload("trace", 2000, seed=0, start=3000, token_scale=32)
+    w = make_workload("trace", 2000, seed=0, start=3000, token_scale=32, path=real)
     chunks = [s.prefix[i : i + 16] for s in w.sessions for i in range(0, len(s.prefix), 16)]
     ids = [(h,) for r in rows[3000:5000] for h in r.hash_ids]
     assert _shared_fraction(chunks) == pytest.approx(_shared_fraction(ids), abs=1e-3)
     # the whole trace, scaled 512 -> 8 tokens a block: the README's 36.6 %
-    w = make_workload("trace", len(rows), seed=0, token_scale=64)
+    w = make_workload("trace", len(rows), seed=0, token_scale=64, path=real)
     chunks = [s.prefix[i : i + 8] for s in w.sessions for i in range(0, len(s.prefix), 8)]
     assert _shared_fraction(chunks) == pytest.approx(0.366, abs=0.002)
 

@@ -300,9 +300,14 @@ def test_kv_moves_between_prefill_instances(tmp_path: Path, reference: LLM) -> N
         status, reply = post_json(holder.url + "/internal/kv/migrate", {"tokens": doc, "to": "x"})
         assert status == 404, reply
         got = metrics(other.url)[received]
-        status, reply = post_json(
-            holder.url + "/internal/kv/migrate", {"tokens": doc, "to": other_id}
-        )
+        deadline = time.monotonic() + 15
+        while True:  # 404 until the holder's registry has seen the other one's heartbeat move
+            status, reply = post_json(
+                holder.url + "/internal/kv/migrate", {"tokens": doc, "to": other_id}
+            )
+            if status != 404 or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
         assert status == 200 and reply == {"num_tokens": 64}, reply
         assert metrics(other.url)[received] - got == 4
         for _ in range(4):  # round robin: within two requests one lands on the other instance
