@@ -27,7 +27,7 @@ import os
 import signal
 import socket
 import uuid
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 from typing import TypeVar
 
@@ -47,7 +47,6 @@ from memserve.config import (
 from memserve.engine.async_engine import AsyncEngine
 from memserve.engine.disagg import DecodeFront, PrefillWorker
 from memserve.engine.llm_engine import LLMEngine
-from memserve.engine.types import RequestError, RequestOutput, SamplingParams
 from memserve.logging import configure_logging
 from memserve.mempool.distributed import DistributedMemPool
 from memserve.mempool.pool import MemPool
@@ -284,10 +283,8 @@ def build_disagg_app(
     add_control_routes(app, dmp, async_engine, worker)
     link = None
     if scheduler_url is not None:
-        if front is not None:
-            add_instance_routes(app, front.generate, dmp, registry)
-        else:
-            add_instance_routes(app, _no_generate, dmp, registry)
+        # The scheduler dispatches whole requests to decode instances only.
+        add_instance_routes(app, None if front is None else front.generate, dmp, registry)
         identity = _identity(engine, disagg.instance_id, role, server, disagg.send_back, me.key)
         ready = (lambda: bool(registry.live("prefill"))) if front is not None else (lambda: True)
         link = SchedulerLink(scheduler_url, identity, async_engine, dmp, ready)
@@ -309,13 +306,6 @@ def build_disagg_app(
 
     app.cleanup_ctx.append(cluster_ctx)
     return app
-
-
-async def _no_generate(
-    request_id: str, prompt: Sequence[int], params: SamplingParams, prefill: str | None
-) -> AsyncIterator[RequestOutput]:
-    raise RequestError("a prefill instance does not take whole requests")
-    yield  # an async generator
 
 
 def _backend(engine: LLMEngine) -> str:

@@ -29,6 +29,7 @@ from memserve.engine.types import (
     SamplingParams,
     StepSample,
     TokenLogprob,
+    check_request,
 )
 from memserve.hardware import keep_freed_memory
 from memserve.mempool.block_allocator import BlockAllocator
@@ -151,19 +152,8 @@ class LLMEngine:
 
     def validate(self, prompt_token_ids: Sequence[int], params: SamplingParams) -> None:
         """Raise ``RequestError`` if this request can never be served. Pure: safe from any thread."""
+        check_request(prompt_token_ids, params, self.arch.vocab_size, self.max_model_len)
         n = len(prompt_token_ids)
-        if n == 0:
-            raise RequestError("prompt must contain at least one token", "prompt")
-        vocab = self.arch.vocab_size
-        if any(not 0 <= t < vocab for t in prompt_token_ids):
-            raise RequestError(f"prompt token ids must be in [0, {vocab})", "prompt")
-        if n + params.max_tokens > self.max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self.max_model_len} tokens. However, you "
-                f"requested {n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} "
-                "for the completion). Please reduce the prompt or max_tokens.",
-                "max_tokens",
-            )
         capacity = self.cache.num_blocks * self.cache.block_size
         if n + params.max_tokens > capacity:
             raise RequestError(
@@ -406,27 +396,12 @@ class LLMEngine:
 
 
 def step_sample(chunks: Sequence[ScheduledChunk], seconds: float) -> StepSample:
-    """The cost model's features of a step (see ``StepSample``)."""
-    prefill_tokens = prefill_chunks = decode_seqs = decode_context = 0
-    attn_fresh = attn_context = 0.0
-    for c in chunks:
-        s, n = c.start, c.num_tokens
-        if n == 1 and s >= c.request.num_prompt_tokens:
-            decode_seqs += 1
-            decode_context += s + 1
-            continue
-        prefill_tokens += n
-        prefill_chunks += 1
-        if s == 0:
-            attn_fresh += n * n / 2
-        else:
-            attn_context += n * (s + n)
-    return StepSample(
-        prefill_tokens,
-        prefill_chunks,
-        attn_fresh,
-        attn_context,
-        decode_seqs,
-        decode_context,
+    """The cost model's features of a step (see ``StepSample``): a chunk is a decode iff it
+    computes one token at or past its request's prompt."""
+    return StepSample.of_chunks(
+        (
+            (c.start, c.num_tokens, c.num_tokens == 1 and c.start >= c.request.num_prompt_tokens)
+            for c in chunks
+        ),
         seconds,
     )

@@ -6,6 +6,7 @@ class, tests); they are frozen and hold plain Python values only, never tensors.
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -152,3 +153,50 @@ class StepSample:
     decode_seqs: int
     decode_context: int  # over decode chunks: s + 1, the keys each reads
     seconds: float
+
+    @staticmethod
+    def of_chunks(chunks: Iterable[tuple[int, int, bool]], seconds: float = 0.0) -> StepSample:
+        """The features of a step computing ``(start, num_tokens, is_decode)`` chunks: the one
+        place the rule above is written (the engine records steps with it, the cost model
+        prices hypothetical ones)."""
+        prefill_tokens = prefill_chunks = decode_seqs = decode_context = 0
+        attn_fresh = attn_context = 0.0
+        for s, n, is_decode in chunks:
+            if is_decode:
+                decode_seqs += 1
+                decode_context += s + 1
+                continue
+            prefill_tokens += n
+            prefill_chunks += 1
+            if s == 0:
+                attn_fresh += n * n / 2
+            else:
+                attn_context += n * (s + n)
+        return StepSample(
+            prefill_tokens,
+            prefill_chunks,
+            attn_fresh,
+            attn_context,
+            decode_seqs,
+            decode_context,
+            seconds,
+        )
+
+
+def check_request(
+    prompt_token_ids: Sequence[int], params: SamplingParams, vocab_size: int, max_model_len: int
+) -> None:
+    """Raise ``RequestError`` if no engine of this model can serve the request (empty prompt,
+    a token id out of the vocabulary, prompt + ``max_tokens`` over ``max_model_len``)."""
+    n = len(prompt_token_ids)
+    if n == 0:
+        raise RequestError("prompt must contain at least one token", "prompt")
+    if any(not 0 <= t < vocab_size for t in prompt_token_ids):
+        raise RequestError(f"prompt token ids must be in [0, {vocab_size})", "prompt")
+    if n + params.max_tokens > max_model_len:
+        raise RequestError(
+            f"This model's maximum context length is {max_model_len} tokens. However, you "
+            f"requested {n + params.max_tokens} tokens ({n} in the prompt, {params.max_tokens} "
+            "for the completion). Please reduce the prompt or max_tokens.",
+            "max_tokens",
+        )

@@ -94,10 +94,7 @@ def features(step: StepSample) -> Array:
 
 def prefill_step(start: int, num_tokens: int) -> StepSample:
     """A step that computes one prefill chunk, positions ``[start, start + num_tokens)``."""
-    n = num_tokens
-    if start == 0:
-        return StepSample(n, 1, n * n / 2, 0.0, 0, 0, 0.0)
-    return StepSample(n, 1, 0.0, n * (start + n), 0, 0, 0.0)
+    return StepSample.of_chunks([(start, num_tokens, False)])
 
 
 def decode_step(batch: int, context_tokens: int) -> StepSample:

@@ -44,6 +44,7 @@ from memserve.engine.types import (
     RequestOutput,
     SamplingParams,
     UpstreamError,
+    check_request,
 )
 from memserve.engine.wire import output_from_json, params_to_json
 from memserve.model.tokenizer import Tokenizer
@@ -120,7 +121,7 @@ class Router:
         self, request_id: str, prompt_token_ids: Sequence[int], params: SamplingParams
     ) -> AsyncIterator[RequestOutput]:
         prompt = list(prompt_token_ids)
-        self._validate(prompt, params)
+        check_request(prompt, params, self._tokenizer.vocab_size, self._max_model_len)
         request = RouteRequest(prompt, SESSION_ID.get(), params.max_tokens)
         excluded: set[str] = set()
         errors: list[str] = []
@@ -343,20 +344,6 @@ class Router:
         prefiller = self.table.instances.get(route.prefill_id or "")
         if prefiller is not None and target.send_back and prefiller.keeps:
             self.trees["prefill"].insert(tokens, prefiller.instance_id, now)
-
-    def _validate(self, prompt: list[int], params: SamplingParams) -> None:
-        if not prompt:
-            raise RequestError("The prompt is empty", "prompt")
-        vocab = self._tokenizer.vocab_size
-        if any(not 0 <= t < vocab for t in prompt):
-            raise RequestError(f"Token ids must be in [0, {vocab})", "prompt")
-        if len(prompt) + params.max_tokens > self._max_model_len:
-            raise RequestError(
-                f"This model's maximum context length is {self._max_model_len} tokens. However, "
-                f"you requested {len(prompt) + params.max_tokens} tokens ({len(prompt)} in the "
-                f"prompt, {params.max_tokens} for the completion).",
-                "max_tokens",
-            )
 
     def _log_decision(self, request_id: str, route: Route, attempt: int) -> None:
         self.metrics.decision(self.policy.name, route)

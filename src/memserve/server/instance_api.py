@@ -55,14 +55,18 @@ NDJSON_HEADERS = {"Content-Type": "application/x-ndjson", "Cache-Control": "no-c
 
 def add_instance_routes(
     app: web.Application,
-    generate: GenerateFn,
+    generate: GenerateFn | None,
     dmp: DistributedMemPool | None = None,
     registry: Registry | None = None,
 ) -> None:
-    async def handle_generate(request: web.Request) -> web.StreamResponse:
-        return await _generate(request, generate)
+    """``/internal/generate`` where ``generate`` is given (colocated and decode instances), and
+    ``/internal/kv/migrate`` where a distributed MemPool is (prefill and decode instances)."""
+    if generate is not None:
 
-    app.router.add_post("/internal/generate", handle_generate)
+        async def handle_generate(request: web.Request) -> web.StreamResponse:
+            return await _generate(request, generate)
+
+        app.router.add_post("/internal/generate", handle_generate)
     if dmp is not None and registry is not None:
 
         async def handle_migrate(request: web.Request) -> web.Response:
