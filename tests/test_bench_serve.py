@@ -75,6 +75,38 @@ def test_serve_hand_built_workload_with_warmup(node_url: str, tmp_path: Path) ->
     assert result["hit_rate"] > 0.5
 
 
+@pytest.mark.parametrize(("history", "cached"), [("real", 80), ("stand-in", 48)])
+def test_history_holds_the_generated_answer(
+    node_url: str, tmp_path: Path, history: str, cached: int
+) -> None:
+    """Turn 1 repeats turn 0's 48-token prompt and its 40-token answer. The node keeps the KV of
+    prompt + answer but the last token (87 tokens: 5 blocks of 16); only the real answer lets
+    turn 1 reuse the answer's blocks, a stand-in only the prompt's 3."""
+    turns = (Turn(tuple(range(500, 516)), 40), Turn((3000,) * 8, 2))
+    session = Session(f"h-{history}", 0.0, tuple(range(600, 632)), turns)
+    out = tmp_path / "r.json"
+    argv = ["serve", "--url", node_url, "--workload", "sharegpt", "--output", str(out),
+            "--quiet", "--history", history]  # fmt: skip
+    assert serve(_args(argv), Workload("hand", (session,))) == 0
+    records = sorted(json.loads(out.read_text())["requests"], key=lambda r: r["turn_index"])
+    assert records[1]["num_prompt_tokens"] == 48 + 40 + 8
+    assert records[1]["num_cached_tokens"] == cached
+
+
+def test_rate_sweep(node_url: str, tmp_path: Path) -> None:
+    out = tmp_path / "sweep.json"
+    argv = ["serve", "--url", node_url, *SHAREGPT, *_small_args(), "--rates", "5,40",
+            "--output", str(out), "--plot", str(tmp_path / "plots"), "--quiet"]  # fmt: skip
+    assert main(argv) == 0
+    for rate in (5, 40):
+        result = json.loads((tmp_path / f"sweep-rate{rate}.json").read_text())
+        assert result["request_rate"] == rate and result["failed"] == 0
+        assert (tmp_path / "plots" / f"rate{rate}" / "cdf_ttft.png").stat().st_size > 0
+    assert (tmp_path / "plots" / "latency_vs_rate.png").stat().st_size > 0
+    with pytest.raises(SystemExit):
+        main(["serve", "--url", node_url, "--workload", "sharegpt", "--rates", "1,-2"])
+
+
 def test_unreachable_server_records_errors(tmp_path: Path) -> None:
     url = f"http://127.0.0.1:{free_port()}"
     out = tmp_path / "r.json"

@@ -263,6 +263,43 @@ async def test_completion_stream_include_usage(client: Client) -> None:
     assert all("usage" not in c for c in chunks)
 
 
+async def test_completion_return_token_ids(client: Client, tokenizer: Tokenizer) -> None:
+    """vLLM's ``return_token_ids``: prompt and output ids on each choice, whole or streamed."""
+    prompts = [[100, 101], [7, 8, 9]]
+    body = await post(client, "/v1/completions", completion(prompt=prompts, return_token_ids=True))
+    for choice, prompt in zip(body["choices"], prompts, strict=True):
+        assert choice["prompt_token_ids"] == prompt
+        assert choice["token_ids"] == fake_token_ids(prompt, 5, tokenizer.vocab_size)
+        assert tokenizer.decode(choice["token_ids"]) == choice["text"]
+    events = await post_stream(
+        client, "/v1/completions", completion(prompt=prompts, return_token_ids=True)
+    )
+    for index, prompt in enumerate(prompts):
+        mine = [e["choices"][0] for e in events if e["choices"][0]["index"] == index]
+        assert mine[0]["prompt_token_ids"] == prompt
+        assert all("prompt_token_ids" not in c for c in mine[1:])
+        streamed = [t for c in mine for t in c["token_ids"]]
+        assert streamed == fake_token_ids(prompt, 5, tokenizer.vocab_size)
+
+
+async def test_token_ids_only_when_asked(client: Client) -> None:
+    body = await post(client, "/v1/completions", completion(prompt=[100]))
+    assert "token_ids" not in body["choices"][0]
+    assert "prompt_token_ids" not in body["choices"][0]
+    events = await post_stream(client, "/v1/chat/completions", chat())
+    assert all("token_ids" not in c for e in events for c in e["choices"])
+
+
+async def test_chat_return_token_ids(client: Client, tokenizer: Tokenizer) -> None:
+    body = await post(client, "/v1/chat/completions", chat(return_token_ids=True))
+    prompt = chat_prompt_ids(tokenizer)
+    assert body["choices"][0]["prompt_token_ids"] == prompt
+    assert body["choices"][0]["token_ids"] == fake_token_ids(prompt, 5, tokenizer.vocab_size)
+    events = await post_stream(client, "/v1/chat/completions", chat(return_token_ids=True))
+    streamed = [t for e in events for c in e["choices"] for t in c.get("token_ids", [])]
+    assert streamed == fake_token_ids(prompt, 5, tokenizer.vocab_size)
+
+
 def cached_details(cached: int, dram: int) -> JSON:
     return {
         "cached_tokens": cached,

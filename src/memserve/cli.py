@@ -9,6 +9,7 @@ Usage::
     memserve-node cluster [--prefill 1 --decode 1 --colocated 0] [flags for all]
     memserve-node profile --model dummy:small --out profile.json
     memserve-node export-hf dummy:small DIR
+    memserve-node export-gguf dummy:small OUT.gguf [--seed 0] [--dtype f16|f32]
 """
 
 from __future__ import annotations
@@ -43,7 +44,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="memserve-node",
         description="Run one MemServe process (one per accelerator), or a utility subcommand "
-        "(`memserve-node export-hf dummy:<preset> DIR`).",
+        "(`memserve-node export-hf dummy:<preset> DIR`, "
+        "`memserve-node export-gguf dummy:<preset> OUT.gguf`).",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     p.add_argument(
@@ -225,6 +227,19 @@ def build_export_parser() -> argparse.ArgumentParser:
     return p
 
 
+def build_export_gguf_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="memserve-node export-gguf",
+        description="Write a dummy preset as a llama.cpp GGUF file (needs the gguf package: "
+        "pip install 'memserve[peer]'), so llama-server can serve the same weights.",
+    )
+    p.add_argument("model", help="dummy:<preset>")
+    p.add_argument("out_path", help="GGUF file to write")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dtype", choices=("f16", "f32"), default="f16", help="dtype of the matrices")
+    return p
+
+
 def disagg_config(args: argparse.Namespace) -> DisaggConfig | None:
     if args.role not in ("prefill", "decode"):
         return None
@@ -339,6 +354,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["export-hf"]:
         return _export(build_export_parser().parse_args(argv[1:]))
+    if argv[:1] == ["export-gguf"]:
+        return _export_gguf(build_export_gguf_parser().parse_args(argv[1:]))
     if argv[:1] == ["profile"]:
         from memserve.scheduler.profile import main as profile_main
 
@@ -383,6 +400,18 @@ def _export(args: argparse.Namespace) -> int:
         out = export_hf(args.model, args.out_dir, seed=args.seed)
     except ValueError as e:
         print(f"memserve-node export-hf: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {args.model} to {out}")
+    return 0
+
+
+def _export_gguf(args: argparse.Namespace) -> int:
+    from memserve.model.gguf_export import export_gguf
+
+    try:
+        out = export_gguf(args.model, args.out_path, seed=args.seed, dtype=args.dtype)
+    except (ValueError, ImportError) as e:
+        print(f"memserve-node export-gguf: {e}", file=sys.stderr)
         return 2
     print(f"wrote {args.model} to {out}")
     return 0

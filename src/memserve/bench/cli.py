@@ -21,8 +21,18 @@ from typing import Any
 
 import aiohttp
 
-from memserve.bench.client import BenchmarkClient, ClientConfig, fetch_model
-from memserve.bench.report import RequestRecord, format_table, parse_slo, plot_cdfs, summarize
+from memserve.bench.client import HISTORY_MODES, BenchmarkClient, ClientConfig, fetch_model
+from memserve.bench.matrix import number_or_str
+from memserve.bench.matrix_cli import add_matrix_parser, matrix
+from memserve.bench.report import (
+    RequestRecord,
+    Summary,
+    format_table,
+    parse_slo,
+    plot_cdfs,
+    plot_vs_rate,
+    summarize,
+)
 from memserve.bench.workloads import WORKLOADS, Workload, make_workload
 
 
@@ -30,12 +40,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command == "serve":
+        rates = args.rates or [args.rate]
         try:
             params = workload_params(args)
-            workload = make_workload(args.workload, args.num, args.seed, args.rate, **params)
+            workloads = [
+                make_workload(args.workload, args.num, args.seed, rate, **params) for rate in rates
+            ]
         except (TypeError, ValueError) as exc:  # unknown or out-of-range generator parameters
             parser.error(f"{args.workload}: {exc}")
-        return serve(args, workload)
+        if args.rates is None:
+            return serve(args, workloads[0])
+        return sweep(args, rates, workloads)
+    if args.command == "matrix":
+        return matrix(parser, args)
     raise AssertionError(args.command)  # argparse rejects unknown commands
 
 
@@ -52,6 +69,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="Poisson session arrivals per second (trace: mean request rate); default: the "
         "workload's",
+    )
+    p.add_argument(
+        "--rates",
+        type=_rates,
+        default=None,
+        help="a sweep instead of --rate, e.g. 0.25,0.5,1: one run per rate (OUTPUT and plot "
+        "directory get a -rate<R> suffix) and, with --plot, latency vs rate",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--max-concurrency", type=int, default=None, help="cap on requests in flight")
@@ -82,8 +106,16 @@ def build_parser() -> argparse.ArgumentParser:
         default=True,
         help="send X-Session-Id",
     )
+    p.add_argument(
+        "--history",
+        choices=HISTORY_MODES,
+        default="real",
+        help="multi-turn history: the answers the server generated (via return_token_ids), or "
+        "fixed stand-ins so every engine sees the same prompts",
+    )
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds per request")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    add_matrix_parser(commands)
     return parser
 
 
@@ -94,12 +126,22 @@ def workload_params(args: argparse.Namespace) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--param wants KEY=VALUE, got {item!r}")
-        params[key.strip()] = _number_or_str(value.strip())
+        params[key.strip()] = number_or_str(value.strip())
     if args.time_scale is not None:
         params["time_scale"] = args.time_scale
     if args.token_scale is not None:
         params["token_scale"] = args.token_scale
     return params
+
+
+def _rates(text: str) -> list[float]:
+    try:
+        rates = [float(r) for r in text.split(",") if r.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want comma-separated numbers, got {text!r}") from None
+    if not rates or min(rates) <= 0:
+        raise argparse.ArgumentTypeError("rates must be > 0")
+    return rates
 
 
 def _slo(text: str) -> dict[str, float]:
@@ -109,20 +151,38 @@ def _slo(text: str) -> dict[str, float]:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
 
-def _number_or_str(text: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(text)
-        except ValueError:
-            pass
-    return text
-
-
 def serve(args: argparse.Namespace, workload: Workload) -> int:
     """Run ``workload`` against ``args.url``, report, write the JSON and plots."""
+    return 0 if run_once(args, workload)["completed"] else 1
+
+
+def sweep(args: argparse.Namespace, rates: Sequence[float], workloads: Sequence[Workload]) -> int:
+    """One run per rate (each with its own JSON and CDFs), then latency vs rate."""
+    summaries = []
+    for rate, workload in zip(rates, workloads, strict=True):
+        suffix = f"-rate{rate:g}"
+        one = argparse.Namespace(**vars(args))
+        one.rate = rate
+        if args.output is not None:
+            one.output = args.output.with_name(args.output.stem + suffix + args.output.suffix)
+        if args.plot is not None:
+            one.plot = args.plot / f"rate{rate:g}"
+        summaries.append(run_once(one, workload, title=f"rate {rate:g}/s"))
+    if args.plot is not None:
+        try:
+            print(f"plot: {plot_vs_rate(rates, summaries, str(args.plot))}")
+        except ImportError:
+            print("--plot: matplotlib is not installed; no plots written", file=sys.stderr)
+    return 0 if all(s["completed"] for s in summaries) else 1
+
+
+def run_once(
+    args: argparse.Namespace, workload: Workload, title: str = "Serving Benchmark Result"
+) -> Summary:
+    """One run: report, and write the JSON and CDF plots if asked; returns the summary."""
     records, model = asyncio.run(_run(args, workload))
     summary = summarize(records, args.slo)
-    print(format_table(summary))
+    print(format_table(summary, title))
     if args.output is not None:
         result = {
             "date": time.strftime("%Y%m%d-%H%M%S"),
@@ -141,7 +201,7 @@ def serve(args: argparse.Namespace, workload: Workload) -> int:
         args.output.write_text(json.dumps(result, indent=1))
     if args.plot is not None:
         _plot(records, args.plot)
-    return 0 if summary["completed"] else 1
+    return summary
 
 
 async def _run(args: argparse.Namespace, workload: Workload) -> tuple[list[RequestRecord], str]:
@@ -160,6 +220,7 @@ async def _run(args: argparse.Namespace, workload: Workload) -> tuple[list[Reque
         session_header=args.session_header,
         request_timeout_s=args.request_timeout,
         progress=not args.quiet,
+        history=args.history,
     )
     return await BenchmarkClient(workload, config).run(), model
 

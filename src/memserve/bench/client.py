@@ -9,14 +9,18 @@ Each request is ``POST {url}/v1/completions`` with the prompt as token ids, ``ma
 ``temperature 0``, ``ignore_eos`` and a streamed answer with usage; its session id goes in the
 ``X-Session-Id`` header (for session-affine routers).
 
-Stand-in answers: the history of a multi-turn prompt needs the earlier answers as token ids, but
-the completions API returns text, which cannot be turned back into the same ids on every engine.
-So each answer in the history is ``stand_in_answer(session, turn)``: ``max_tokens`` pseudo-random
-ids fixed by the session id and turn. Every engine then sees exactly the same prompts (prompts
-never depend on what the server said, and a failed turn does not change later ones), which is
-what a cache benchmark needs; but the history is not what the model generated, so the KV the
-server computed for its own answer is never reused: a later turn hits the cache up to the end of
-the previous *prompt*, not through the previous answer.
+History (``ClientConfig.history``): a multi-turn prompt holds the earlier answers as token ids.
+
+- ``real`` (default): each request asks for vLLM's ``return_token_ids`` and the next turn's
+  history holds the ids the model generated, as in a real chat, so a server that keeps the KV of
+  its own answers (MemServe's PD-Caching-3, any colocated prefix cache) can reuse it. A greedy
+  engine gives the same answers every run, so two configurations of one engine see the same
+  prompts. When a server does not return the ids (or the turn failed), that turn falls back to
+  its stand-in answer.
+- ``stand-in``: each answer in the history is ``stand_in_answer(session, turn)``, ``max_tokens``
+  pseudo-random ids fixed by the session id and turn. Every engine then sees exactly the same
+  prompts whatever it generates (use this to compare different engines or weights), but a later
+  turn can hit a cache only up to the end of the previous *prompt*, never through the answer.
 
 Errors (HTTP status, an ``error`` event in the stream, connection failures, timeouts) are
 recorded on the request and never stop the run.
@@ -37,6 +41,8 @@ import orjson
 from memserve.bench.report import RequestRecord
 from memserve.bench.workloads.base import TOKEN_RANGE, Session, Workload, build_prompt
 
+HISTORY_MODES = ("real", "stand-in")
+
 
 @dataclass(frozen=True)
 class ClientConfig:
@@ -47,8 +53,11 @@ class ClientConfig:
     session_header: bool = True  # send X-Session-Id
     request_timeout_s: float = 600.0
     progress: bool = True  # a progress line on stderr
+    history: str = "real"  # or "stand-in" (see the module docstring)
 
     def __post_init__(self) -> None:
+        if self.history not in HISTORY_MODES:
+            raise ValueError(f"history must be one of {', '.join(HISTORY_MODES)}")
         if self.max_concurrency is not None and self.max_concurrency < 1:
             raise ValueError("max_concurrency must be >= 1")
         if self.warmup < 0:
@@ -106,6 +115,7 @@ class BenchmarkClient:
         cap = config.max_concurrency or max(1, len(workload.sessions))
         self._slots = asyncio.Semaphore(cap)
         self._t0 = 0.0
+        self.num_stand_in_answers = 0  # ``real`` history that fell back to a stand-in
 
     async def run(self) -> list[RequestRecord]:
         """Send every request of the workload; returns the records in the order they ended."""
@@ -128,13 +138,24 @@ class BenchmarkClient:
         answers: list[list[int]] = []
         for turn_index, turn in enumerate(session.turns):
             prompt = build_prompt(session, turn_index, answers)
+            stream = _Stream()
             async with self._slots:
                 record = await self._request(
-                    http, session.session_id, turn_index, prompt, turn.max_tokens
+                    http, session.session_id, turn_index, prompt, turn.max_tokens, stream
                 )
             self.records.append(record)
             self._progress.update(record)
-            answers.append(stand_in_answer(session.session_id, turn_index, turn.max_tokens))
+            answers.append(self._answer(session.session_id, turn_index, turn.max_tokens, stream))
+
+    def _answer(
+        self, session_id: str, turn_index: int, max_tokens: int, stream: _Stream
+    ) -> list[int]:
+        """What the history holds for this turn's answer (see the module docstring)."""
+        if self.config.history == "real":
+            if stream.error is None and stream.token_ids and len(stream.token_ids) == max_tokens:
+                return stream.token_ids
+            self.num_stand_in_answers += 1
+        return stand_in_answer(session_id, turn_index, max_tokens)
 
     async def _request(
         self,
@@ -143,10 +164,10 @@ class BenchmarkClient:
         turn_index: int,
         prompt: list[int],
         max_tokens: int,
+        stream: _Stream,
     ) -> RequestRecord:
         warmup = self._num_sent < self.config.warmup
         self._num_sent += 1
-        stream = _Stream()
         start_s = self._now()
         try:
             await self._stream(http, session_id, prompt, max_tokens, stream)
@@ -182,6 +203,8 @@ class BenchmarkClient:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
+        if self.config.history == "real":
+            body["return_token_ids"] = True
         headers = {"X-Session-Id": session_id} if self.config.session_header else {}
         url = self.config.url + "/v1/completions"
         async with http.post(url, data=orjson.dumps(body), headers=headers | _JSON) as r:
@@ -205,12 +228,14 @@ class _Stream:
     num_output_tokens: int | None = None
     num_cached_tokens: int | None = None
     error: str | None = None
+    token_ids: list[int] = field(default_factory=list)  # with ``return_token_ids``
 
     def add(self, event: dict[str, Any], now_s: float) -> None:
         if "error" in event:
             self.error = f"stream error: {event['error']}"
-        if event.get("choices"):
+        if choices := event.get("choices"):
             self.chunk_times_s.append(now_s)
+            self.token_ids.extend(int(t) for t in choices[0].get("token_ids") or ())
         if usage := event.get("usage"):
             self.num_prompt_tokens = usage["prompt_tokens"]
             self.num_output_tokens = usage["completion_tokens"]

@@ -229,3 +229,25 @@ def plot_cdfs(records: Sequence[RequestRecord], out_dir: str) -> list[str]:
         plt.close(fig)
         paths.append(path)
     return paths
+
+
+def plot_vs_rate(rates: Sequence[float], summaries: Sequence[Summary], out_dir: str) -> str:
+    """One PNG of mean and P99 TTFT and E2EL against the offered rate; returns its path. Raises
+    ImportError when matplotlib is not installed."""
+    matplotlib = importlib.import_module("matplotlib")
+    matplotlib.use("Agg")
+    plt: Any = importlib.import_module("matplotlib.pyplot")
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.5))
+    for ax, name in zip(axes, ("ttft", "e2el"), strict=True):
+        for stat in ("mean", "p99"):
+            values = [s[f"{stat}_{name}_ms"] for s in summaries]
+            ax.plot(rates, [math.nan if v is None else v for v in values], "o-", label=stat)
+        ax.set_xlabel("offered rate (sessions/s)")
+        ax.set_ylabel(f"{name.upper()} (ms)")
+        ax.grid(True, alpha=0.3)
+        ax.legend()
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, "latency_vs_rate.png")
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    plt.close(fig)
+    return path

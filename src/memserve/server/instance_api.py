@@ -15,7 +15,10 @@ request.
 
 ``SchedulerLink.run()`` (one task, owned by the node) POSTs a heartbeat to the scheduler every
 ``interval_s``: identity, what this instance keeps, whether it is ``ready`` to take requests,
-its ``Load`` and the engine's recent step samples (the cost model refines itself from them). An unreachable scheduler is retried.
+its ``Load`` and the engine's recent step samples (the cost model refines itself from them). An
+unreachable scheduler is retried. The load is read between two engine steps, but a heartbeat never
+waits for one: while a long step (seconds for a big prefill on a slow CPU) holds the report back,
+the beats go on with the last load read and no samples, so liveness never depends on step time.
 """
 
 from __future__ import annotations
@@ -141,31 +144,50 @@ class SchedulerLink:
 
     async def run(self) -> None:
         timeout = aiohttp.ClientTimeout(total=max(2.0, 4 * self.interval_s))
-        async with aiohttp.ClientSession(timeout=timeout) as http:
-            warned = False
-            while True:
-                try:
-                    body = await self.engine.call(_report)
-                except Exception:  # a bug: say so, keep beating (load and samples are extras)
-                    log.exception("cannot report load")
-                    body = {}
-                body.update(self.identity)
-                body["ready"] = self.ready()
-                if self.dmp is not None:
-                    c = self.dmp.counters
-                    body["transfer_bytes"] = c.sent_bytes + c.received_bytes
-                try:
-                    async with http.post(self.url, data=orjson.dumps(body)) as response:
-                        if response.status != 200:
-                            log.error(
-                                "scheduler refused the heartbeat", reply=await response.text()
-                            )
-                    warned = False
-                except (aiohttp.ClientError, OSError, TimeoutError) as e:
-                    if not warned:
-                        log.warning("scheduler unreachable", url=self.url, error=repr(e))
-                        warned = True
-                await asyncio.sleep(self.interval_s)
+        report: asyncio.Task[dict[str, Any]] | None = None  # owned here, cancelled on exit
+        last_load: dict[str, Any] = {}
+        try:
+            async with aiohttp.ClientSession(timeout=timeout) as http:
+                warned = False
+                while True:
+                    if report is None:
+                        report = asyncio.ensure_future(self.engine.call(_report))
+                    await asyncio.wait({report}, timeout=self.interval_s)
+                    body: dict[str, Any] = {"load": last_load} if last_load else {}
+                    if report.done():
+                        body = self._take(report) or body
+                        last_load = body.get("load", last_load)
+                        report = None
+                    warned = await self._beat(http, body, warned)
+                    await asyncio.sleep(self.interval_s)
+        finally:
+            if report is not None:
+                report.cancel()
+
+    @staticmethod
+    def _take(report: asyncio.Task[dict[str, Any]]) -> dict[str, Any]:
+        try:
+            return report.result()
+        except Exception:  # a bug: say so, keep beating (load and samples are extras)
+            log.exception("cannot report load")
+            return {}
+
+    async def _beat(self, http: aiohttp.ClientSession, body: dict[str, Any], warned: bool) -> bool:
+        """POST one heartbeat; returns whether "unreachable" has been logged (once per outage)."""
+        body.update(self.identity)
+        body["ready"] = self.ready()
+        if self.dmp is not None:
+            c = self.dmp.counters
+            body["transfer_bytes"] = c.sent_bytes + c.received_bytes
+        try:
+            async with http.post(self.url, data=orjson.dumps(body)) as response:
+                if response.status != 200:
+                    log.error("scheduler refused the heartbeat", reply=await response.text())
+            return False
+        except (aiohttp.ClientError, OSError, TimeoutError) as e:
+            if not warned:
+                log.warning("scheduler unreachable", url=self.url, error=repr(e))
+            return True
 
 
 def _report(engine: LLMEngine) -> dict[str, Any]:

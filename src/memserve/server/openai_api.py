@@ -123,6 +123,7 @@ async def create_completion(request: web.Request) -> web.StreamResponse:
         engine.tokenizer,
         parsed.options.model,
         with_logprobs=parsed.options.params.logprobs is not None,
+        with_token_ids=parsed.options.return_token_ids,
     )
     return await generate(request, parsed.options, prompts, builder, param="prompt")
 
@@ -140,6 +141,7 @@ async def create_chat_completion(request: web.Request) -> web.StreamResponse:
         engine.tokenizer,
         parsed.options.model,
         with_logprobs=parsed.options.params.logprobs is not None,
+        with_token_ids=parsed.options.return_token_ids,
     )
     return await generate(request, parsed.options, [prompt], builder, param="messages")
 
@@ -266,7 +268,7 @@ async def generate(
     timeout_s = request.app[SETTINGS].request_timeout_s
     job = Generation(
         builder,
-        [Choice(s.choice_index, s.prompt_index) for s in subs],
+        [Choice(s.choice_index, s.prompt_index, prompt_token_ids=s.prompt_token_ids) for s in subs],
         [len(p) for p in prompts],
         options.include_usage,
         None if timeout_s is None else asyncio.get_running_loop().time() + timeout_s,
@@ -345,7 +347,7 @@ async def _send_events(
                 choice, output = job.choices[item[0]], item[1]
                 delta = builder.delta(choice, output)
                 choice.add(output)
-                if output.new_text or output.new_logprobs or output.finished:
+                if builder.worth_sending(output):
                     await send_event(response, builder.chunk([delta]))
                 item = await anext(outputs, None)
         if job.include_usage:

@@ -42,6 +42,7 @@ class GenerationOptions:
     n: int
     stream: bool
     include_usage: bool
+    return_token_ids: bool = False  # vLLM's extension: token ids beside the text
 
 
 @dataclass(frozen=True)
@@ -238,7 +239,8 @@ def _options(
         skip_special_tokens=opt_bool(body, "skip_special_tokens") is not False,
         include_stop_str_in_output=bool(opt_bool(body, "include_stop_str_in_output")),
     )
-    return GenerationOptions(model, params, max_tokens, n, stream, include_usage)
+    return_token_ids = bool(opt_bool(body, "return_token_ids"))
+    return GenerationOptions(model, params, max_tokens, n, stream, include_usage, return_token_ids)
 
 
 # --- the two request kinds ----------------------------------------------------------------------

@@ -4,6 +4,10 @@ The handler keeps one ``Choice`` per (prompt, choice) and one ``ResponseBuilder`
 request. For each ``RequestOutput`` it calls ``builder.delta(choice, output)`` (when streaming)
 and then ``choice.add(output)``; ``usage`` with ``builder.response`` (or, streaming,
 ``builder.usage_chunk``) ends the answer.
+
+``return_token_ids`` (vLLM's extension, for clients that rebuild prompts from what the model
+said, e.g. multi-turn benchmarks): every choice also carries ``token_ids`` (the output ids of the
+increment, or all of them) and, on its first chunk and in a whole response, ``prompt_token_ids``.
 """
 
 from __future__ import annotations
@@ -38,10 +42,13 @@ class Choice:
     stop_reason: str | int | None = None
     num_cached_tokens: int = 0  # the most any increment reported (any tier)
     num_cached_tokens_dram: int = 0  # of those, from DRAM (same increment, so never more)
+    prompt_token_ids: Sequence[int] = ()
+    token_ids: list[int] = field(default_factory=list)
 
     def add(self, output: RequestOutput) -> None:
         self.text_parts.append(output.new_text)
         self.num_tokens += len(output.new_token_ids)
+        self.token_ids.extend(output.new_token_ids)
         self.logprobs.extend(output.new_logprobs or ())
         if output.num_cached_tokens >= self.num_cached_tokens:
             self.num_cached_tokens = output.num_cached_tokens
@@ -97,10 +104,13 @@ class ResponseBuilder(ABC):
     object_name: str
     chunk_object_name: str
 
-    def __init__(self, tokenizer: Tokenizer, model: str, *, with_logprobs: bool) -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, model: str, *, with_logprobs: bool, with_token_ids: bool = False
+    ) -> None:
         self.tokenizer = tokenizer
         self.model = model
         self.with_logprobs = with_logprobs
+        self.with_token_ids = with_token_ids
         self.response_id = f"{self.id_prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
 
@@ -126,6 +136,31 @@ class ResponseBuilder(ABC):
         """Choices of the chunk sent before any token (none by default)."""
         return []
 
+    def worth_sending(self, output: RequestOutput) -> bool:
+        """Whether the chunk of ``output`` says anything (text, logprobs, ids, or the end)."""
+        return bool(
+            output.new_text
+            or output.new_logprobs
+            or output.finished
+            or (self.with_token_ids and output.new_token_ids)
+        )
+
+    def token_ids(self, choice: Choice, output: RequestOutput | None) -> JSON:
+        """``return_token_ids`` fields of a streamed increment (``output``) or of the whole
+        ``choice`` (None); the prompt's ids go with the first increment only. Call before
+        ``choice.add(output)``."""
+        if not self.with_token_ids:
+            return {}
+        if output is None:
+            return {
+                "prompt_token_ids": list(choice.prompt_token_ids),
+                "token_ids": choice.token_ids,
+            }
+        fields: JSON = {"token_ids": list(output.new_token_ids)}
+        if choice.num_tokens == 0:
+            fields["prompt_token_ids"] = list(choice.prompt_token_ids)
+        return fields
+
     @abstractmethod
     def delta(self, choice: Choice, output: RequestOutput) -> JSON:
         """The streamed choice for one increment of ``choice``."""
@@ -140,8 +175,12 @@ class CompletionResponseBuilder(ResponseBuilder):
     object_name = "text_completion"
     chunk_object_name = "text_completion"
 
-    def __init__(self, tokenizer: Tokenizer, model: str, *, with_logprobs: bool) -> None:
-        super().__init__(tokenizer, model, with_logprobs=with_logprobs)
+    def __init__(
+        self, tokenizer: Tokenizer, model: str, *, with_logprobs: bool, with_token_ids: bool = False
+    ) -> None:
+        super().__init__(
+            tokenizer, model, with_logprobs=with_logprobs, with_token_ids=with_token_ids
+        )
         self._text_offsets: dict[int, int] = {}  # choice index -> chars of its tokens streamed
 
     def delta(self, choice: Choice, output: RequestOutput) -> JSON:
@@ -150,11 +189,14 @@ class CompletionResponseBuilder(ResponseBuilder):
             offset = self._text_offsets.get(choice.index, 0)
             entries = output.new_logprobs or ()
             logprobs, self._text_offsets[choice.index] = self._logprobs(entries, offset)
-        return self._choice(choice.index, output.new_text, logprobs, output)
+        body = self._choice(choice.index, output.new_text, logprobs, output)
+        return body | self.token_ids(choice, output)
 
     def final(self, choice: Choice) -> JSON:
         logprobs = self._logprobs(choice.logprobs, 0)[0] if self.with_logprobs else None
-        return self._choice(choice.index, choice.text, logprobs, choice)
+        return self._choice(choice.index, choice.text, logprobs, choice) | self.token_ids(
+            choice, None
+        )
 
     @staticmethod
     def _choice(index: int, text: str, logprobs: JSON | None, end: Choice | RequestOutput) -> JSON:
@@ -207,7 +249,7 @@ class ChatResponseBuilder(ResponseBuilder):
             "logprobs": self._logprobs(output.new_logprobs or ()),
             "finish_reason": output.finish_reason,
             "stop_reason": output.stop_reason,
-        }
+        } | self.token_ids(choice, output)
 
     def final(self, choice: Choice) -> JSON:
         return {
@@ -216,7 +258,7 @@ class ChatResponseBuilder(ResponseBuilder):
             "logprobs": self._logprobs(choice.logprobs),
             "finish_reason": choice.finish_reason,
             "stop_reason": choice.stop_reason,
-        }
+        } | self.token_ids(choice, None)
 
     def _logprobs(self, entries: Sequence[TokenLogprob]) -> JSON | None:
         if not self.with_logprobs:
