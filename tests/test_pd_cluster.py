@@ -229,6 +229,33 @@ def test_only_missing_blocks_move(cluster: Cluster, reference: LLM) -> None:
             on_d.append(computed)
 
 
+def test_next_turn_sent_at_once_hits_the_history(cluster: Cluster, reference: LLM) -> None:
+    """A chat client sends the next turn the moment the answer ends. In mode full that turn
+    still finds the whole history on P (D holds it back until its send-back has landed, rather
+    than let P compute it again); in the other modes, the previous prompt (or nothing)."""
+    rng = random.Random(5)
+    client = cluster.client()
+    first = ids(rng, 40)
+    outs, prompts = [], [first]
+    for _ in range(2):  # no wait between the turns
+        out = client.completions.create(
+            model=MODEL, prompt=prompts[-1], max_tokens=MAX_TOKENS, temperature=0, logprobs=3,
+            extra_body={"return_token_ids": True},
+        )  # fmt: skip
+        outs.append(out)
+        answer = (out.choices[0].model_extra or {})["token_ids"]
+        prompts.append([*prompts[-1], *answer, *ids(rng, 9)])
+    for out, prompt in zip(outs, prompts, strict=False):
+        assert_same(out, reference, prompt)
+    answer = (outs[0].choices[0].model_extra or {})["token_ids"]
+    history = [*first, *answer[:-1]]  # 51 tokens: 3 whole blocks, where the prompt has 2
+    held = {"basic": [], "prefill": [first], "both": [first], "full": [first, history]}
+    usage = outs[1].usage
+    assert usage is not None and usage.prompt_tokens_details is not None
+    assert usage.prompt_tokens_details.cached_tokens == p_hit(held[cluster.mode], prompts[1])
+    wait_settled(cluster.decode.url)
+
+
 def test_prefill_instance_joins(tmp_path: Path, reference: LLM) -> None:
     rng = random.Random(3)
     with start_cluster("full", tmp_path) as c:

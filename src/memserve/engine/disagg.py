@@ -12,7 +12,10 @@ A request's life (until the global scheduler exists, the decode instance is the 
          the hold's blocks (``AsyncEngine.generate_prefilled``), publishing the prompt there
          when ``decode_keeps``, and streams tokens.
       5. ``send_back``: when the request completes, D ``transfer_with_insert``-s prompt + output
-         to P, which receives only what it lacks, so the next turn hits there too.
+         to P, which receives only what it lacks, so the next turn hits there too. A next turn
+         that arrives while that send-back is still on its way (a chat client answers at once)
+         waits for it before its prefill is asked for, up to ``SEND_BACK_WAIT_S``: the KV is
+         already computed, so waiting for it is cheaper than P computing it again.
 
 ``usage.prompt_tokens_details.cached_tokens`` is P's hit: prompt tokens whose prefill was
 skipped, not blocks D already held (those only shrink the transfer).
@@ -66,6 +69,9 @@ from memserve.transport.registry import InstanceInfo, Registry
 log = structlog.get_logger(__name__)
 
 MAX_PREFILL_ATTEMPTS = 2
+SEND_BACK_WAIT_S = 5.0
+"""The longest a next turn waits for its conversation's send-back (a step or two of P, plus
+the transfer); past it, P computes what has not arrived."""
 
 
 def prefill_params(params: SamplingParams) -> SamplingParams:
@@ -145,6 +151,8 @@ class DecodeFront:
         self._round_robin = itertools.count()
         self._tasks: set[asyncio.Future[Any]] = set()  # send-backs, abandoned receives
         self._calls: dict[str, set[asyncio.Future[dict[str, Any]]]] = {}  # prefills, by peer
+        # Send-backs in flight, by peer: the task and the tokens it sends.
+        self._sending: dict[str, dict[asyncio.Future[None], tuple[int, ...]]] = {}
 
     # ---- EngineClient ---------------------------------------------------------------------
 
@@ -180,9 +188,11 @@ class DecodeFront:
             request_id, list(prompt_token_ids), params, prefill_id
         )
         stream = self.engine.generate_prefilled(request_id, prompt_token_ids, params, prefilled)
+        tokens = list(prompt_token_ids)
         async for out in stream:
+            tokens.extend(out.new_token_ids)
             if out.finished and prefilled.keep_kv:
-                self._send_back_later(request_id, peer, out)
+                self._send_back_later(request_id, peer, out, tokens)
             yield out
 
     async def close(self) -> None:
@@ -218,6 +228,7 @@ class DecodeFront:
     async def _prefill_on(
         self, peer: Peer, request_id: str, prompt: list[int], params: SamplingParams, arrival: float
     ) -> Prefilled:
+        await self._sent_back_before(peer, prompt)
         key = f"req/{request_id}/{peer.endpoint.instance_id}"  # one hold per attempt
         by_layer = self.config.transfer_mode == "by-layer"
         try:
@@ -282,10 +293,24 @@ class DecodeFront:
         for call in self._calls.pop(info.endpoint.key, set()):
             call.cancel()
 
-    def _send_back_later(self, request_id: str, peer: Peer, out: RequestOutput) -> None:
+    def _send_back_later(
+        self, request_id: str, peer: Peer, out: RequestOutput, tokens: Sequence[int]
+    ) -> None:
         if out.finish_reason not in ("stop", "length"):
             return  # aborted or failed: the engine freed the blocks, nothing was handed off
-        self._own(asyncio.create_task(self._send_back(request_id, peer)))
+        task = asyncio.create_task(self._send_back(request_id, peer))
+        self._own(task)
+        sending = self._sending.setdefault(peer.endpoint.key, {})
+        sending[task] = tuple(tokens)
+        task.add_done_callback(lambda t: sending.pop(t, None))
+
+    async def _sent_back_before(self, peer: Peer, prompt: Sequence[int]) -> None:
+        """Wait (at most ``SEND_BACK_WAIT_S``) for the send-backs in flight to ``peer`` of
+        conversations that ``prompt`` continues (what they send is a prefix of it)."""
+        sending = self._sending.get(peer.endpoint.key, {})
+        ours = [t for t, tokens in sending.items() if _continues(prompt, tokens)]
+        if ours:
+            await asyncio.wait(ours, timeout=SEND_BACK_WAIT_S)  # never cancels them
 
     def _own(self, task: asyncio.Future[Any]) -> None:
         """Keep a background task until it ends (``close`` waits for the rest)."""
@@ -303,6 +328,12 @@ class DecodeFront:
             log.warning("send-back failed", request_id=request_id, peer=peer.url, error=str(e))
         finally:
             self.engine.release_soon(key)
+
+
+def _continues(prompt: Sequence[int], sent: Sequence[int]) -> bool:
+    """``prompt`` starts with ``sent`` but its last token (which never has KV), whole."""
+    n = len(sent) - 1
+    return 0 < n <= len(prompt) and tuple(prompt[:n]) == tuple(sent[:n])
 
 
 def _whole_blocks(pool: MemPool, key: str) -> tuple[list[int], list[int]]:
