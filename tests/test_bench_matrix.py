@@ -10,6 +10,7 @@ import pytest
 from memserve.bench.cli import main
 from memserve.bench.matrix import CONFIGS, Cell, MatrixSettings, WorkloadSpec, cluster_command
 from memserve.bench.matrix_report import change, matrix_tables, paper_table, run_table
+from memserve.bench.report import Summary
 
 
 def test_workload_spec_parse() -> None:
@@ -41,7 +42,7 @@ def test_shapes_and_commands_are_at_equal_resources() -> None:
 
 
 def _cell(config: str, policy: str, ttft: float, e2el: float, p99: float = 0.0) -> Cell:
-    summary = {
+    summary: Summary = {
         "mean_ttft_ms": ttft,
         "p99_ttft_ms": p99 or 2 * ttft,
         "mean_e2el_ms": e2el,

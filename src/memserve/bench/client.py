@@ -11,8 +11,8 @@ Each request is ``POST {url}/v1/completions`` with the prompt as token ids, ``ma
 
 History (``ClientConfig.history``): a multi-turn prompt holds the earlier answers as token ids.
 
-- ``real`` (default): each request asks for vLLM's ``return_token_ids`` and the next turn's
-  history holds the ids the model generated, as in a real chat, so a server that keeps the KV of
+- ``real`` (default): the next turn's history holds the ids the model generated (every request
+  asks for vLLM's ``return_token_ids``), as in a real chat, so a server that keeps the KV of
   its own answers (MemServe's PD-Caching-3, any colocated prefix cache) can reuse it. A greedy
   engine gives the same answers every run, so two configurations of one engine see the same
   prompts. When a server does not return the ids (or the turn failed), that turn falls back to
@@ -120,7 +120,10 @@ class BenchmarkClient:
     async def run(self) -> list[RequestRecord]:
         """Send every request of the workload; returns the records in the order they ended."""
         timeout = aiohttp.ClientTimeout(total=self.config.request_timeout_s)
-        connector = aiohttp.TCPConnector(limit=self.config.max_concurrency or 0)
+        # A connection per request, as vLLM's benchmark client does: servers close idle
+        # keep-alive connections on their own schedule (llama-server after 5 s), and a request
+        # written into one that is closing fails for reasons that are not the server's load.
+        connector = aiohttp.TCPConnector(limit=self.config.max_concurrency or 0, force_close=True)
         self._t0 = time.perf_counter()
         async with (
             aiohttp.ClientSession(timeout=timeout, connector=connector) as http,
@@ -203,8 +206,10 @@ class BenchmarkClient:
             "stream": True,
             "stream_options": {"include_usage": True},
         }
-        if self.config.history == "real":
-            body["return_token_ids"] = True
+        # Always: a server that holds back tokens with no text yet (part of a UTF-8 character;
+        # random weights make many) still sends a chunk per token with their ids, so TTFT and
+        # ITL are the tokens', not the text's. Servers without the extension ignore it.
+        body["return_token_ids"] = True
         headers = {"X-Session-Id": session_id} if self.config.session_header else {}
         url = self.config.url + "/v1/completions"
         async with http.post(url, data=orjson.dumps(body), headers=headers | _JSON) as r:
