@@ -88,7 +88,9 @@ def test_history_holds_the_generated_answer(
     argv = ["serve", "--url", node_url, "--workload", "sharegpt", "--output", str(out),
             "--quiet", "--history", history]  # fmt: skip
     assert serve(_args(argv), Workload("hand", (session,))) == 0
-    records = sorted(json.loads(out.read_text())["requests"], key=lambda r: r["turn_index"])
+    result = json.loads(out.read_text())
+    assert result["num_stand_in_answers"] == (0 if history == "real" else None)
+    records = sorted(result["requests"], key=lambda r: r["turn_index"])
     assert records[1]["num_prompt_tokens"] == 48 + 40 + 8
     assert records[1]["num_cached_tokens"] == cached
 
@@ -115,3 +117,4 @@ def test_unreachable_server_records_errors(tmp_path: Path) -> None:
     result = json.loads(out.read_text())
     assert result["completed"] == 0 and result["failed"] == len(result["requests"]) > 0
     assert all("ClientConnectorError" in r["error"] for r in result["requests"])
+    assert result["num_stand_in_answers"] == len(result["requests"])  # no answer came back

@@ -180,7 +180,13 @@ def run_once(
     args: argparse.Namespace, workload: Workload, title: str = "Serving Benchmark Result"
 ) -> Summary:
     """One run: report, and write the JSON and CDF plots if asked; returns the summary."""
-    records, model = asyncio.run(_run(args, workload))
+    records, model, num_stand_ins = asyncio.run(_run(args, workload))
+    if num_stand_ins and args.history == "real":
+        print(
+            f"history: {num_stand_ins} answers replaced by stand-ins (failed turns, or a "
+            "server that does not return token ids)",
+            file=sys.stderr,
+        )
     summary = summarize(records, args.slo)
     print(format_table(summary, title))
     if args.output is not None:
@@ -193,6 +199,7 @@ def run_once(
             "num_sessions": len(workload.sessions),
             "request_rate": args.rate,
             "max_concurrency": args.max_concurrency,
+            "num_stand_in_answers": num_stand_ins if args.history == "real" else None,
             **summary,
             "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
             "requests": [dataclasses.asdict(r) for r in records],
@@ -204,7 +211,10 @@ def run_once(
     return summary
 
 
-async def _run(args: argparse.Namespace, workload: Workload) -> tuple[list[RequestRecord], str]:
+async def _run(
+    args: argparse.Namespace, workload: Workload
+) -> tuple[list[RequestRecord], str, int]:
+    """The records, the model name, and how many ``real`` history answers fell back to stand-ins."""
     url = args.url.rstrip("/")
     try:
         model = args.model or await fetch_model(url)
@@ -222,7 +232,9 @@ async def _run(args: argparse.Namespace, workload: Workload) -> tuple[list[Reque
         progress=not args.quiet,
         history=args.history,
     )
-    return await BenchmarkClient(workload, config).run(), model
+    client = BenchmarkClient(workload, config)
+    records = await client.run()
+    return records, model, client.num_stand_in_answers
 
 
 def _plot(records: Sequence[RequestRecord], out_dir: Path) -> None:
