@@ -30,7 +30,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from memserve.bench.client import BenchmarkClient, ClientConfig, fetch_model
-from memserve.bench.launch import NODE_COMMAND, free_port, stop, wait_healthy, wait_serving
+from memserve.bench.launch import NODE_COMMAND, free_port, local_process, wait_serving
 from memserve.bench.matrix import WorkloadSpec
 from memserve.bench.report import Summary, summarize
 
@@ -91,16 +91,11 @@ def run_engine(name: str, cmd: list[str], port: int, spec: WorkloadSpec, out_dir
     """Start ``cmd``, warm it up with one request, run the workload, stop it."""
     url = f"http://127.0.0.1:{port}"
     log_path = out_dir / f"{name}.log"
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
-    try:
-        wait_healthy(url, proc, 600, log_path)
+    with local_process(cmd, url, log_path, healthy_timeout_s=600, stop_timeout_s=60):
         model = asyncio.run(fetch_model(url))
         wait_serving(url, model, 300)
         config = ClientConfig(url=url, model=model, history="stand-in", warmup=spec.warmup)
         records = asyncio.run(BenchmarkClient(spec.make(), config).run())
-    finally:
-        stop(proc, 60)
     summary = summarize(records)
     body = {"engine": name, "command": cmd, **summary, "requests": [r.__dict__ for r in records]}
     (out_dir / f"{name}.json").write_text(json.dumps(body, indent=1))

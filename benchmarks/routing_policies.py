@@ -49,7 +49,6 @@ import math
 import os
 import signal
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,7 +63,7 @@ from typing import Any
 import openai
 from prometheus_client.parser import text_string_to_metric_families
 
-from memserve.bench.launch import NODE_COMMAND, free_port, stop, wait_healthy, wait_serving
+from memserve.bench.launch import NODE_COMMAND, free_port, local_process, wait_serving
 from memserve.model.tokenizer import Tokenizer
 
 POLICIES = ("least_load", "session", "prompt_tree")
@@ -273,16 +272,12 @@ def cluster(policy: str, args: argparse.Namespace, log_path: Path) -> Iterator[s
         "--max-num-batched-tokens", str(args.max_num_batched_tokens),
         "--log-level", args.log_level, *args.node_args.split(),
     ]  # fmt: skip
-    with log_path.open("wb") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, timeout_s=600, log_path=log_path)
+    # The launcher stops its members in order, 30 s each at most.
+    with local_process(cmd, url, log_path, healthy_timeout_s=600, stop_timeout_s=120):
         wait_joined(url, args.prefill)
         wait_serving(url, args.model)
         yield url
-    finally:
-        stop(proc, timeout_s=120)  # the launcher stops its members in order, 30 s each at most
 
 
 def wait_joined(url: str, num_prefill: int, timeout_s: float = 120) -> None:

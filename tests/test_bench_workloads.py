@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import lzma
 import math
 import random
 import statistics
@@ -17,7 +18,8 @@ from memserve.bench.workloads import trace as trace_mod
 SMALL = {"sharegpt": 20, "loogle": 12, "react": 20, "trace": 50}
 
 
-REAL_TRACES = Path(__file__).resolve().parents[2] / "shared" / "traces"
+REAL_TRACE_XZ = Path(__file__).parent / "data" / "mooncake_conversation_trace.jsonl.xz"
+"""The real Mooncake conversation trace (Apache-2.0, see tests/data/README.md), compressed."""
 
 
 def write_synthetic_trace(path: Path, num: int = 1200, seed: int = 0) -> None:
@@ -204,10 +206,9 @@ def test_trace_rate_sets_time_scale() -> None:
         make_workload("trace", 10, seed=0, rate=1.0, time_scale=2.0)
 
 
-def test_trace_sharing_matches_the_readme() -> None:
-    real = REAL_TRACES / "conversation_trace.jsonl"
-    if not real.is_file():  # the one test that needs the real trace (its README's figure)
-        pytest.skip(f"{real} is not beside this checkout")
+def test_trace_sharing_matches_the_readme(tmp_path: Path) -> None:
+    real = tmp_path / "conversation_trace.jsonl"
+    real.write_bytes(lzma.decompress(REAL_TRACE_XZ.read_bytes()))
     rows = trace_mod.load_trace(real)
     # a window: exactly the hash ids' own sharing (cold start makes it lower than the trace's)
     w = make_workload("trace", 2000, seed=0, start=3000, token_scale=32, path=real)

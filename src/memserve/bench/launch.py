@@ -1,8 +1,9 @@
 """Start and stop ``memserve-node`` processes on this machine (benchmarks, end-to-end tests).
 
-``local_node(args)`` runs ``python -m memserve.cli --port <free port> *args``, waits until
-``/health`` answers 200 (failing fast, with the log's tail, if the process exits first), yields a
-``RunningNode``, and on exit stops it with SIGINT, then SIGKILL after ``stop_timeout_s``.
+``local_process(cmd, url)`` runs any server command, waits until ``url/health`` answers 200
+(failing fast, with the log's tail, if the process exits first), and on exit stops it with
+SIGINT, then SIGKILL after ``stop_timeout_s``. ``local_node(args)`` does that for
+``python -m memserve.cli --port <free port> *args`` and yields a ``RunningNode``.
 """
 
 from __future__ import annotations
@@ -67,6 +68,28 @@ def stop(proc: subprocess.Popen[bytes], timeout_s: float = 30) -> None:
 
 
 @contextmanager
+def local_process(
+    cmd: Sequence[str],
+    url: str,
+    log_path: Path | None = None,
+    healthy_timeout_s: float = 180,
+    stop_timeout_s: float = 30,
+) -> Iterator[subprocess.Popen[bytes]]:
+    """``cmd`` (its stdout and stderr to ``log_path``, else inherited), once ``url/health``
+    answers 200; stopped on exit (SIGINT, then SIGKILL after ``stop_timeout_s``)."""
+    if log_path is None:
+        proc = subprocess.Popen(cmd)
+    else:
+        with log_path.open("wb") as log:
+            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+    try:
+        wait_healthy(url, proc, healthy_timeout_s, log_path)
+        yield proc
+    finally:
+        stop(proc, stop_timeout_s)
+
+
+@contextmanager
 def local_node(
     args: Sequence[str],
     log_path: Path | None = None,
@@ -75,18 +98,10 @@ def local_node(
 ) -> Iterator[RunningNode]:
     """A node process with ``args`` (its stdout and stderr to ``log_path``, else inherited)."""
     port = free_port()
-    cmd = [*NODE_COMMAND, "--port", str(port), *args]
-    if log_path is None:
-        proc = subprocess.Popen(cmd)
-    else:
-        with log_path.open("wb") as log:
-            proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
-    try:
-        wait_healthy(url, proc, healthy_timeout_s, log_path)
+    cmd = [*NODE_COMMAND, "--port", str(port), *args]
+    with local_process(cmd, url, log_path, healthy_timeout_s, stop_timeout_s) as proc:
         yield RunningNode(url, proc)
-    finally:
-        stop(proc, stop_timeout_s)
 
 
 def wait_serving(url: str, model: str, timeout_s: float = 30) -> None:

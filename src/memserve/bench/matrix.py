@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Sequence
@@ -36,7 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from memserve.bench.client import BenchmarkClient, ClientConfig
-from memserve.bench.launch import NODE_COMMAND, free_port, stop, wait_healthy, wait_serving
+from memserve.bench.launch import NODE_COMMAND, free_port, local_process, wait_serving
 from memserve.bench.report import RequestRecord, Summary, summarize
 from memserve.bench.workloads import WORKLOADS, Workload, make_workload
 
@@ -192,16 +191,11 @@ def run_cell(spec: WorkloadSpec, config: Config, policy: str, settings: MatrixSe
     port = free_port()
     url = f"http://127.0.0.1:{port}"
     started = time.monotonic()
-    with (run_dir / f"{stem}.log").open("wb") as log:
-        proc = subprocess.Popen(
-            cluster_command(config, policy, settings, port), stdout=log, stderr=subprocess.STDOUT
-        )
-    try:
-        wait_healthy(url, proc, settings.ready_timeout_s, run_dir / f"{stem}.log")
+    cmd = cluster_command(config, policy, settings, port)
+    log_path = run_dir / f"{stem}.log"
+    with local_process(cmd, url, log_path, settings.ready_timeout_s, stop_timeout_s=120):
         wait_serving(url, settings.model, settings.ready_timeout_s)
         records = asyncio.run(_drive(spec, url, settings))
-    finally:
-        stop(proc, 120)
     summary = summarize(records)
     cell = Cell(
         spec.name, config.name, policy, config.shape(settings.instances), summary,

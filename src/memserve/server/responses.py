@@ -36,7 +36,6 @@ class Choice:
     index: int
     prompt_index: int
     text_parts: list[str] = field(default_factory=list)
-    num_tokens: int = 0
     logprobs: list[TokenLogprob] = field(default_factory=list)
     finish_reason: str | None = None
     stop_reason: str | int | None = None
@@ -47,7 +46,6 @@ class Choice:
 
     def add(self, output: RequestOutput) -> None:
         self.text_parts.append(output.new_text)
-        self.num_tokens += len(output.new_token_ids)
         self.token_ids.extend(output.new_token_ids)
         self.logprobs.extend(output.new_logprobs or ())
         if output.num_cached_tokens >= self.num_cached_tokens:
@@ -56,6 +54,10 @@ class Choice:
         if output.finished:
             self.finish_reason = output.finish_reason
             self.stop_reason = output.stop_reason
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
 
     @property
     def text(self) -> str:
